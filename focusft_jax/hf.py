@@ -1,0 +1,445 @@
+"""Hugging Face checkpoint import and export (config.json + safetensors).
+
+Import reads a local model directory or a hub id (downloaded with
+`huggingface_hub.snapshot_download`, safetensors only). Pickle `.bin` weights
+are refused, and no remote code is ever run. Export writes a directory that
+`transformers.AutoModelForCausalLM.from_pretrained` loads with no missing or
+unexpected keys: config.json, safetensors shards with an index,
+generation_config.json, and the tokenizer files and chat template copied
+from the source.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from focusft_jax.model import ModelConfig, Params, param_shapes
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "MistralForCausalLM": "mistral",
+}
+FAMILY_ARCH = {v: k for k, v in ARCHITECTURES.items()}
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+# Per-layer tensors: our name under params["layers"] -> HF module path inside a layer.
+_LAYER_MODULES = {
+    "input_layernorm": "input_layernorm",
+    "post_attention_layernorm": "post_attention_layernorm",
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj",
+    "q_norm": "self_attn.q_norm",
+    "k_norm": "self_attn.k_norm",
+    "gate_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
+_TOP_MODULES = {"embed_tokens": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
+_HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+# Buffers some older checkpoints carry; they are recomputed, never loaded.
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be imported; the message says why."""
+
+
+@dataclass
+class HFModel:
+    """An imported model: static config, parameters, the source config.json
+    (kept so export preserves keys we do not interpret), and the directory it
+    came from (for tokenizer files)."""
+
+    cfg: ModelConfig
+    params: Params
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    source_dir: Path | None = None
+
+
+# ---------------------------------------------------------------- config
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides) -> ModelConfig:
+    """ModelConfig from a Hugging Face config.json dict (transformers v4 or v5 layout).
+
+    Raises CheckpointError naming the architecture, rope type or key that is
+    unsupported. `overrides` set ModelConfig fields (dtypes, attention, remat).
+    """
+    archs = hf.get("architectures") or []
+    model_type = hf.get("model_type")
+    family = None
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            family = ARCHITECTURES[arch]
+    if family is None and model_type in FAMILY_ARCH:
+        family = model_type
+    if family is None:
+        raise CheckpointError(
+            f"{source}: architecture {archs or model_type!r} is not supported; "
+            f"supported: {sorted(ARCHITECTURES)}"
+        )
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if key not in hf:
+            raise CheckpointError(f"{source}: missing required key {key!r}")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise CheckpointError(f"{source}: per-layer-type rope parameters are not supported")
+    rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+    rope.pop("type", None)
+    theta = rope.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+    if rope_type not in ("default", "linear", "llama3", "yarn"):
+        raise CheckpointError(
+            f"{source}: rope type {rope_type!r} is not supported; supported: default, linear, llama3, yarn"
+        )
+    if hf.get("partial_rotary_factor", 1.0) != 1.0 or rope.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise CheckpointError(f"{source}: partial_rotary_factor != 1 is not supported")
+    if rope_type in ("llama3", "yarn") and "original_max_position_embeddings" in hf:
+        rope["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    sliding = None
+    if family == "mistral":
+        sliding = hf.get("sliding_window")
+    elif family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+        sliding = hf.get("sliding_window")
+    attention_bias = bool(hf.get("attention_bias", False))
+    kw = dict(
+        family=family,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_type=rope_type,
+        rope_scaling=tuple(sorted(rope.items())) if rope_type != "default" else (),
+        max_position_embeddings=hf.get("max_position_embeddings", 32768),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=(family == "qwen2") or attention_bias,
+        o_bias=attention_bias and family != "qwen2",
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        qk_norm=family == "qwen3",
+        sliding_window=sliding,
+    )
+    dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32")
+    kw["param_dtype"] = "bfloat16" if dtype == "bfloat16" else "float32"
+    kw["compute_dtype"] = kw["param_dtype"]
+    kw.update(overrides)
+    try:
+        return ModelConfig(**kw)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
+
+
+def config_to_hf(cfg: ModelConfig, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A config.json dict for `cfg`. Keys of `base` (the imported config) that
+    we do not own are preserved."""
+    hf = dict(base or {})
+    for stale in ("rope_parameters", "rope_scaling", "rope_theta", "torch_dtype", "dtype", "_name_or_path"):
+        hf.pop(stale, None)
+    rope: dict[str, Any] | None = None
+    if cfg.rope_type != "default":
+        rope = {"rope_type": cfg.rope_type, **cfg.rope_params}
+    hf.update(
+        architectures=[FAMILY_ARCH[cfg.family]],
+        model_type=cfg.family,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        hidden_act="silu",
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        rope_scaling=rope,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        torch_dtype=cfg.param_dtype,
+    )
+    if cfg.family in ("llama", "qwen3"):
+        hf["attention_bias"] = cfg.o_bias or cfg.qkv_bias
+    if cfg.family == "llama":
+        hf["mlp_bias"] = cfg.mlp_bias
+    if cfg.family == "mistral":
+        hf["sliding_window"] = cfg.sliding_window
+    return hf
+
+
+# ---------------------------------------------------------------- locating files
+
+
+def resolve_model_dir(path_or_id: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a hub id, downloaded (safetensors,
+    configs and tokenizer files only) into the local Hugging Face cache."""
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise CheckpointError(f"{p}: expected a model directory (config.json + safetensors), got a file")
+    name = str(path_or_id)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CheckpointError(f"{name}: no such directory (and not a Hugging Face hub id 'org/name')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(
+            name,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"],
+        )
+    except Exception as e:  # network, auth, missing repo: say which and what to do
+        raise CheckpointError(
+            f"{name}: not a local directory, and downloading it from the Hugging Face hub failed "
+            f"({type(e).__name__}: {e}). Pass a local model directory, or check the id and your network."
+        ) from None
+    return Path(local)
+
+
+def _weight_files(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (KeyError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (d / f).exists()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shard(s) that are not in {d}: {missing}")
+        return [d / f for f in files]
+    single = d / "model.safetensors"
+    if single.exists():
+        return [single]
+    shards = sorted(d.glob("*.safetensors"))
+    if shards:
+        return shards
+    pickles = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt"))
+    if pickles:
+        raise CheckpointError(
+            f"{d}: has only pickle weights ({', '.join(pickles[:3])}); pickle files can run arbitrary code "
+            "and are refused. Convert them to safetensors first, e.g. "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out_dir, safe_serialization=True)."
+        )
+    raise CheckpointError(f"{d}: no model.safetensors, no safetensors index and no *.safetensors files")
+
+
+# ---------------------------------------------------------------- import
+
+
+def hf_names(cfg: ModelConfig) -> dict[tuple[str, ...], list[str] | str]:
+    """Our param path -> HF tensor name (top level) or list of per-layer names."""
+    names: dict[tuple[str, ...], Any] = {}
+    shapes = param_shapes(cfg)
+    for top, leaves in shapes.items():
+        if top == "layers":
+            continue
+        for leaf in leaves:
+            names[(top, leaf)] = f"{_TOP_MODULES[top]}.{_HF_LEAF[leaf]}"
+    for mod, leaves in shapes["layers"].items():
+        for leaf in leaves:
+            names[("layers", mod, leaf)] = [
+                f"model.layers.{i}.{_LAYER_MODULES[mod]}.{_HF_LEAF[leaf]}" for i in range(cfg.num_layers)
+            ]
+    return names
+
+
+def _to_ours(path: tuple[str, ...], t: np.ndarray) -> np.ndarray:
+    return t.T if path[-1] == "kernel" else t
+
+
+def load_hf(path_or_id: str | os.PathLike, **overrides) -> HFModel:
+    """Imports a Hugging Face causal LM checkpoint.
+
+    overrides: ModelConfig fields, e.g. param_dtype="bfloat16",
+    attention_impl="dense". Every expected tensor must be present with the
+    expected shape; tensors we do not know are an error (so a silently
+    ignored weight can never happen).
+    """
+    d = resolve_model_dir(path_or_id)
+    cfg_path = d / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{d}: no config.json")
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = config_from_hf(hf, str(cfg_path), **overrides)
+    files = _weight_files(d)
+    handles = {}
+    where: dict[str, Path] = {}
+    for f in files:
+        h = safe_open(str(f), framework="numpy")
+        handles[f] = h
+        for k in h.keys():
+            where[k] = f
+    names = hf_names(cfg)
+    shapes = param_shapes(cfg)
+    dtype = jnp.dtype(cfg.param_dtype)
+    used: set[str] = set()
+
+    def fetch(path, name, shape):
+        if name not in where:
+            if path == ("lm_head", "kernel"):
+                raise CheckpointError(
+                    f"{d}: tensor {name!r} is missing and tie_word_embeddings is false in config.json"
+                )
+            raise CheckpointError(f"{d}: tensor {name!r} is missing from {[f.name for f in files]}")
+        used.add(name)
+        t = _to_ours(path, handles[where[name]].get_tensor(name))
+        if t.shape != shape:
+            raise CheckpointError(
+                f"{where[name]}: tensor {name!r} has shape {t.T.shape if path[-1] == 'kernel' else t.shape}, "
+                f"config.json implies {shape[::-1] if path[-1] == 'kernel' else shape}"
+            )
+        return t
+
+    params: Params = {}
+    for path, name in names.items():
+        shape = shapes
+        for p in path:
+            shape = shape[p]
+        if isinstance(name, list):
+            per_layer = shape[1:]
+            stacked = np.stack([fetch(path, n, per_layer) for n in name])
+            value = jnp.asarray(stacked, dtype=dtype)
+        else:
+            value = jnp.asarray(fetch(path, name, shape), dtype=dtype)
+        node = params
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = value
+    extra = sorted(k for k in where if k not in used and not _IGNORED.match(k))
+    if cfg.tie_word_embeddings:
+        extra = [k for k in extra if k != "lm_head.weight"]
+    if extra:
+        raise CheckpointError(
+            f"{d}: unexpected tensors for a {FAMILY_ARCH[cfg.family]} with this config: {extra[:5]}"
+            + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        )
+    return HFModel(cfg=cfg, params=params, hf_config=hf, source_dir=d)
+
+
+# ---------------------------------------------------------------- export
+
+
+def _to_hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    host = jax.device_get(params)
+    for path, name in hf_names(cfg).items():
+        value = host
+        for p in path:
+            value = value[p]
+        value = np.asarray(value)
+        if isinstance(name, list):
+            for i, n in enumerate(name):
+                t = value[i]
+                out[n] = np.ascontiguousarray(t.T if path[-1] == "kernel" else t)
+        else:
+            out[name] = np.ascontiguousarray(value.T if path[-1] == "kernel" else value)
+    return out
+
+
+def save_hf(
+    out_dir: str | os.PathLike,
+    cfg: ModelConfig,
+    params: Params,
+    hf_config: dict[str, Any] | None = None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    generation_config: dict[str, Any] | None = None,
+) -> Path:
+    """Writes a Hugging Face model directory loadable by
+    `AutoModelForCausalLM.from_pretrained`.
+
+    params: the base model only (fast weights are never part of it).
+    hf_config: the imported config.json, whose extra keys (token ids, ...)
+    are kept. tokenizer_dir: the directory whose tokenizer files and chat
+    template are copied along. Tensors are written in cfg.param_dtype.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = dict(hf_config or {})
+    config = config_to_hf(cfg, base)
+    tensors = _to_hf_tensors(cfg, params)
+    np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    tensors = {k: v.astype(np_dtype) for k, v in tensors.items()}
+    for old in out.glob("model*.safetensors"):
+        old.unlink()
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in tensors:
+        nbytes = tensors[name].nbytes
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    weight_map = {}
+    n = len(shards)
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+    src = Path(tokenizer_dir) if tokenizer_dir is not None else None
+    gen_src = src / "generation_config.json" if src is not None else None
+    if generation_config is not None:
+        gen = generation_config
+    elif gen_src is not None and gen_src.exists():
+        gen = json.loads(gen_src.read_text())
+    else:
+        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
+    if src is not None:
+        for name in TOKENIZER_FILES:
+            if (src / name).exists() and (src / name).resolve() != (out / name).resolve():
+                shutil.copyfile(src / name, out / name)
+    return out
+
+
+def export_model(model: HFModel, out_dir: str | os.PathLike, params: Params | None = None, **kw) -> Path:
+    """save_hf for an imported model: its config keys and tokenizer travel along."""
+    return save_hf(
+        out_dir,
+        model.cfg,
+        model.params if params is None else params,
+        hf_config=model.hf_config,
+        tokenizer_dir=model.source_dir,
+        **kw,
+    )

@@ -1,0 +1,483 @@
+"""Decoder forward for the Llama / Llama-3 / Qwen2 / Qwen2.5 / Qwen3 / Mistral family.
+
+The model is a set of pure functions over a params pytree (no module graph is
+traversed per call). Parameters use Hugging Face names and layouts, so import
+and export are a name table and transposes:
+
+    params = {
+      "embed_tokens": {"embedding": [V, D]},
+      "layers": {                              # stacked: leading axis = layer
+        "input_layernorm": {"scale": [L, D]},
+        "q_proj": {"kernel": [L, D, Hq*hd], "bias": [L, Hq*hd]},   # bias if qkv_bias
+        "k_proj": {"kernel": [L, D, Hkv*hd], ...}, "v_proj": ...,
+        "o_proj": {"kernel": [L, Hq*hd, D]},                       # bias if o_bias
+        "q_norm": {"scale": [L, hd]}, "k_norm": ...,               # Qwen3 only
+        "post_attention_layernorm": {"scale": [L, D]},
+        "gate_proj": {"kernel": [L, D, F]}, "up_proj": ..., "down_proj": {"kernel": [L, F, D]},
+      },
+      "norm": {"scale": [D]},
+      "lm_head": {"kernel": [D, V]},           # absent with tied embeddings
+    }
+
+Kernels are stored (in, out), the transpose of torch's Linear weight. Layers
+are stacked and run with `jax.lax.scan`, so compile time does not grow with
+depth; `remat` checkpoints each layer. Fast weights (transient LoRA, METHOD.md)
+enter through the optional `fast` argument of `run_layers`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from focusft_jax.attention import AttnMeta, attend
+
+Params = dict[str, Any]
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static architecture and numerics of a decoder. Hashable: pass it as a
+    static argument to jitted functions.
+
+    rope_scaling: the Hugging Face rope parameters other than theta and type,
+    as sorted (key, value) pairs (a dict would not be hashable).
+    param_dtype / compute_dtype: "float32" or "bfloat16". Norms, RoPE, softmax
+    and logits are computed in float32 whatever the compute dtype.
+    attention_impl: a key of `attention.ATTENTION_IMPLS`.
+    remat: activation checkpointing of each layer: "none", "full" (save only
+    the layer input) or "dots" (save matmul outputs without batch dims).
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_scaling: tuple = ()
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    attention_impl: str = "dense"
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"model family {self.family!r} is not supported; supported: {FAMILIES}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope type {self.rope_type!r} is not supported; supported: {ROPE_TYPES}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+        for key in ("param_dtype", "compute_dtype"):
+            if getattr(self, key) not in ("float32", "bfloat16"):
+                raise ValueError(f"{key} must be 'float32' or 'bfloat16', got {getattr(self, key)!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+
+    @property
+    def rope_params(self) -> dict:
+        return dict(self.rope_scaling)
+
+    @property
+    def dtype(self):
+        return jnp.dtype(self.compute_dtype)
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def param_shapes(cfg: ModelConfig) -> Params:
+    """The params pytree of `cfg` as shapes (tuples), the single source of the layout."""
+    L, D, F, hd = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    layers: Params = {
+        "input_layernorm": {"scale": (L, D)},
+        "q_proj": {"kernel": (L, D, q)},
+        "k_proj": {"kernel": (L, D, kv)},
+        "v_proj": {"kernel": (L, D, kv)},
+        "o_proj": {"kernel": (L, q, D)},
+        "post_attention_layernorm": {"scale": (L, D)},
+        "gate_proj": {"kernel": (L, D, F)},
+        "up_proj": {"kernel": (L, D, F)},
+        "down_proj": {"kernel": (L, F, D)},
+    }
+    if cfg.qkv_bias:
+        for name, width in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            layers[name]["bias"] = (L, width)
+    if cfg.o_bias:
+        layers["o_proj"]["bias"] = (L, D)
+    if cfg.mlp_bias:
+        for name, width in (("gate_proj", F), ("up_proj", F), ("down_proj", D)):
+            layers[name]["bias"] = (L, width)
+    if cfg.qk_norm:
+        layers["q_norm"] = {"scale": (L, hd)}
+        layers["k_norm"] = {"scale": (L, hd)}
+    params: Params = {
+        "embed_tokens": {"embedding": (cfg.vocab_size, D)},
+        "layers": layers,
+        "norm": {"scale": (D,)},
+    }
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = {"kernel": (D, cfg.vocab_size)}
+    return params
+
+
+_LOGICAL_AXES = {
+    ("embed_tokens", "embedding"): ("vocab", "embed"),
+    ("norm", "scale"): ("norm",),
+    ("lm_head", "kernel"): ("embed", "vocab"),
+    ("input_layernorm", "scale"): ("layers", "norm"),
+    ("post_attention_layernorm", "scale"): ("layers", "norm"),
+    ("q_norm", "scale"): ("layers", "head_dim"),
+    ("k_norm", "scale"): ("layers", "head_dim"),
+    ("q_proj", "kernel"): ("layers", "embed", "q_heads"),
+    ("q_proj", "bias"): ("layers", "q_heads"),
+    ("k_proj", "kernel"): ("layers", "embed", "kv_heads"),
+    ("k_proj", "bias"): ("layers", "kv_heads"),
+    ("v_proj", "kernel"): ("layers", "embed", "kv_heads"),
+    ("v_proj", "bias"): ("layers", "kv_heads"),
+    ("o_proj", "kernel"): ("layers", "q_heads", "embed"),
+    ("o_proj", "bias"): ("layers", "embed"),
+    ("gate_proj", "kernel"): ("layers", "embed", "mlp"),
+    ("gate_proj", "bias"): ("layers", "mlp"),
+    ("up_proj", "kernel"): ("layers", "embed", "mlp"),
+    ("up_proj", "bias"): ("layers", "mlp"),
+    ("down_proj", "kernel"): ("layers", "mlp", "embed"),
+    ("down_proj", "bias"): ("layers", "embed"),
+}
+
+
+def logical_axes(cfg: ModelConfig) -> Params:
+    """Same structure as the params, each leaf a tuple of logical axis names
+    (one per dimension), for `flax.linen.logical_to_mesh_sharding`."""
+
+    def name(path, shape):
+        key = (path[-2].key, path[-1].key)
+        axes = _LOGICAL_AXES[key]
+        assert len(axes) == len(shape), (key, axes, shape)
+        return axes
+
+    return jax.tree_util.tree_map_with_path(name, param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
+    """Random parameters: normal(0, std) matrices, unit norms, zero biases."""
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(rng, len(leaves))
+    dtype = jnp.dtype(cfg.param_dtype)
+    out = []
+    for (path, shape), key in zip(leaves, keys):
+        leaf = path[-1].key
+        if leaf == "scale":
+            out.append(jnp.ones(shape, dtype))
+        elif leaf == "bias":
+            out.append(jnp.zeros(shape, dtype))
+        else:
+            out.append((std * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, [x for x in out])
+
+
+def layer_slice(layers: Params, start: int, stop: int) -> Params:
+    """Layers start..stop-1 of a stacked layer pytree."""
+    return jax.tree.map(lambda x: x[start:stop], layers)
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm as `transformers` computes it: statistics in float32, the
+    normalised input cast back to x's dtype before the scale multiplies."""
+    xf = x.astype(jnp.float32)
+    var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+    normed = (xf * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+    return scale.astype(x.dtype) * normed
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[np.ndarray, float]:
+    """Inverse frequencies [head_dim // 2] (float32) and the cos/sin scale for
+    the config's rope type, computed as `transformers` computes them."""
+    dim = cfg.head_dim
+    base = cfg.rope_theta
+    inv = (1.0 / (base ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))).astype(np.float32)
+    p = cfg.rope_params
+    if cfg.rope_type == "default":
+        return inv, 1.0
+    if cfg.rope_type == "linear":
+        return (inv / np.float32(p["factor"])).astype(np.float32), 1.0
+    if cfg.rope_type == "llama3":
+        factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+        old_len = p.get("original_max_position_embeddings", cfg.max_position_embeddings)
+        low_wl, high_wl = old_len / low, old_len / high
+        wavelen = (2 * math.pi / inv).astype(np.float32)
+        inv_l = np.where(wavelen > low_wl, inv / factor, inv).astype(np.float32)
+        smooth = ((old_len / wavelen - low) / (high - low)).astype(np.float32)
+        smoothed = ((1 - smooth) * inv_l / factor + smooth * inv_l).astype(np.float32)
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        return np.where(medium, smoothed, inv_l).astype(np.float32), 1.0
+    if cfg.rope_type == "yarn":
+        orig = p.get("original_max_position_embeddings", cfg.max_position_embeddings)
+        factor = p.get("factor")
+        if factor is None:
+            factor = cfg.max_position_embeddings / orig
+
+        def mscale_of(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attn_factor = p.get("attention_factor")
+        if attn_factor is None:
+            if p.get("mscale") and p.get("mscale_all_dim"):
+                attn_factor = mscale_of(factor, p["mscale"]) / mscale_of(factor, p["mscale_all_dim"])
+            else:
+                attn_factor = mscale_of(factor)
+        beta_fast = p.get("beta_fast") or 32
+        beta_slow = p.get("beta_slow") or 1
+
+        def correction_dim(rot):
+            return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+        lo, hi = correction_dim(beta_fast), correction_dim(beta_slow)
+        if p.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - lo) / (hi - lo), 0, 1).astype(np.float32)
+        extra_factor = (1 - ramp).astype(np.float32)
+        pos_freqs = (base ** (np.arange(0, dim, 2).astype(np.float32) / dim)).astype(np.float32)
+        inv_extra = (1.0 / pos_freqs).astype(np.float32)
+        inv_inter = (1.0 / (factor * pos_freqs)).astype(np.float32)
+        inv = inv_inter * (1 - extra_factor) + inv_extra * extra_factor
+        return inv.astype(np.float32), float(attn_factor)
+    raise AssertionError(cfg.rope_type)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin of shape [B, S, head_dim] (float32) for integer positions [B, S]."""
+    inv, scale = rope_inv_freq(cfg)
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv)
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb) * scale, jnp.sin(emb) * scale
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE. x: [B, S, H, hd]; cos, sin: [B, S, hd]."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + rotated * sin
+
+
+def linear(x: jax.Array, p: Params, fast: Params | None = None, fast_scale: float = 1.0) -> jax.Array:
+    """y = x W (+ b) (+ fast_scale * (x A^T) B^T).
+
+    x: [B, S, in]; p["kernel"]: [in, out]. Fast weights (METHOD.md's transient
+    LoRA) are {"A": [r, in], "B": [out, r]} shared by the batch, or with a
+    leading example axis {"A": [B, r, in], "B": [B, out, r]}.
+    """
+    y = x @ p["kernel"].astype(x.dtype)
+    if "bias" in p:
+        y = y + p["bias"].astype(x.dtype)
+    if fast is not None:
+        a, b = fast["A"].astype(x.dtype), fast["B"].astype(x.dtype)
+        if a.ndim == 2:
+            low = jnp.einsum("bsi,ri->bsr", x, a)
+            y = y + fast_scale * jnp.einsum("bsr,or->bso", low, b)
+        else:
+            low = jnp.einsum("bsi,bri->bsr", x, a)
+            y = y + fast_scale * jnp.einsum("bsr,bor->bso", low, b)
+    return y
+
+
+# ---------------------------------------------------------------- the decoder
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer: k, v [L, B, T, Hkv, hd]; `index` is the
+    cache slot where the current input's first token is written."""
+
+    k: jax.Array
+    v: jax.Array
+    index: jax.Array
+
+
+jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "index"], meta_fields=[])
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, num_layers: int | None = None) -> KVCache:
+    shape = (num_layers or cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    z = jnp.zeros(shape, cfg.dtype)
+    return KVCache(k=z, v=z, index=jnp.zeros((), jnp.int32))
+
+
+def _check_window(cfg: ModelConfig, num_keys: int) -> None:
+    if cfg.sliding_window is not None and num_keys > cfg.sliding_window:
+        raise ValueError(
+            f"sequence of {num_keys} keys exceeds the model's sliding_window ({cfg.sliding_window}); "
+            "sliding-window attention is not implemented, so keep sequences within the window"
+        )
+
+
+def decoder_layer(
+    cfg: ModelConfig,
+    lp: Params,
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    meta: AttnMeta,
+    fast: Params | None = None,
+    fast_scale: float = 1.0,
+    kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+):
+    """One pre-norm decoder layer. x: [B, S, D] in the compute dtype.
+
+    kv: optional (k_cache [B, T, Hkv, hd], v_cache, index): this input's keys and
+    values are written at slots index..index+S-1 and the queries attend over
+    the whole cache (meta ranges over T). Returns (x, (k_cache, v_cache)).
+    """
+    b, s, _ = x.shape
+    fast = fast or {}
+
+    def proj(name, h):
+        return linear(h, lp[name], fast.get(name), fast_scale)
+
+    h = rms_norm(x, lp["input_layernorm"]["scale"], cfg.rms_norm_eps)
+    q = proj("q_proj", h).reshape(b, s, cfg.num_heads, cfg.head_dim)
+    k = proj("k_proj", h).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+    v = proj("v_proj", h).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = rms_norm(q, lp["q_norm"]["scale"], cfg.rms_norm_eps)
+        k = rms_norm(k, lp["k_norm"]["scale"], cfg.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    new_kv = None
+    if kv is not None:
+        k_cache, v_cache, index = kv
+        k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+        v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
+        k, v, new_kv = k_cache, v_cache, (k_cache, v_cache)
+    _check_window(cfg, k.shape[1])
+    attn = attend(q, k, v, meta, cfg.head_dim**-0.5, cfg.attention_impl)
+    x = x + proj("o_proj", attn.reshape(b, s, cfg.num_heads * cfg.head_dim))
+    h = rms_norm(x, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
+    h = jax.nn.silu(proj("gate_proj", h)) * proj("up_proj", h)
+    x = x + proj("down_proj", h)
+    return x, new_kv
+
+
+def _remat(cfg: ModelConfig, fn):
+    if cfg.remat == "none":
+        return fn
+    policy = None if cfg.remat == "full" else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+    return jax.checkpoint(fn, policy=policy)
+
+
+def run_layers(
+    cfg: ModelConfig,
+    layers: Params,
+    x: jax.Array,
+    positions: jax.Array,
+    meta: AttnMeta,
+    fast: Params | None = None,
+    fast_scale: float = 1.0,
+    cache: KVCache | None = None,
+):
+    """Runs a stack of layers (any contiguous slice of `params["layers"]`) with `lax.scan`.
+
+    x: [B, S, D]; positions: [B, S] int; meta: key ranges (over S, or over the
+    cache length T when `cache` is given). fast: optional fast weights stacked
+    like the layers ({proj: {"A": [L, ...], "B": [L, ...]}}), applied with
+    `fast_scale` = alpha / rank. Returns (x, cache).
+    """
+    cos, sin = rope_cos_sin(cfg, positions)
+
+    def body(carry, xs):
+        lp, fl, kv = xs
+        kv_in = None if kv is None else (kv[0], kv[1], cache.index)
+        out, new_kv = decoder_layer(cfg, lp, carry, cos, sin, meta, fl, fast_scale, kv_in)
+        return out, new_kv
+
+    body = _remat(cfg, body)
+    kv_xs = None if cache is None else (cache.k, cache.v)
+    x, new_kv = jax.lax.scan(body, x, (layers, fast, kv_xs))
+    if cache is not None:
+        cache = KVCache(k=new_kv[0], v=new_kv[1], index=cache.index + x.shape[1])
+    return x, cache
+
+
+def embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
+    """Token embeddings [B, S, D] in the compute dtype."""
+    return params["embed_tokens"]["embedding"][tokens].astype(cfg.dtype)
+
+
+def final_norm(cfg: ModelConfig, params: Params, x: jax.Array) -> jax.Array:
+    return rms_norm(x, params["norm"]["scale"], cfg.rms_norm_eps)
+
+
+def lm_logits(cfg: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
+    """float32 logits [..., V] of final-normed hidden states h [..., D]."""
+    if cfg.tie_word_embeddings:
+        w = params["embed_tokens"]["embedding"].T
+    else:
+        w = params["lm_head"]["kernel"]
+    return jnp.matmul(h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def forward(
+    cfg: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array,
+    meta: AttnMeta,
+    fast: Params | None = None,
+    fast_scale: float = 1.0,
+) -> jax.Array:
+    """Full-sequence logits [B, S, V] (float32) of tokens [B, S].
+
+    `fast` covers the top layers only when it has fewer layers than the model:
+    its leading axis length n selects layers L-n..L-1.
+    """
+    x = embed(cfg, params, tokens)
+    if fast is None:
+        x, _ = run_layers(cfg, params["layers"], x, positions, meta)
+    else:
+        n = jax.tree.leaves(fast)[0].shape[0]
+        start = cfg.num_layers - n
+        x, _ = run_layers(cfg, layer_slice(params["layers"], 0, start), x, positions, meta)
+        x, _ = run_layers(cfg, layer_slice(params["layers"], start, cfg.num_layers), x, positions, meta, fast, fast_scale)
+    return lm_logits(cfg, params, final_norm(cfg, params, x))
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Positions 0..n-1 over the real tokens of each row (left or right padding);
+    padding gets position 0."""
+    pos = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
+    return jnp.maximum(pos, 0)
