@@ -357,12 +357,17 @@ def decoder_layer(
     fast: Params | None = None,
     fast_scale: float = 1.0,
     kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+    probe=None,
 ):
     """One pre-norm decoder layer. x: [B, S, D] in the compute dtype.
 
     kv: optional (k_cache [B, T, Hkv, hd], v_cache, index): this input's keys and
     values are written at slots index..index+S-1 and the queries attend over
-    the whole cache (meta ranges over T). Returns (x, (k_cache, v_cache)).
+    the whole cache (meta ranges over T).
+    probe: optional fn(q [B,S,Hq,hd], k [B,T,Hkv,hd], meta) -> pytree, called
+    with the post-RoPE queries and keys (attention diagnostics).
+    Returns (x, side) with side = {"kv": (k_cache, v_cache)} and/or
+    {"probe": ...} for what was asked.
     """
     b, s, _ = x.shape
     fast = fast or {}
@@ -378,19 +383,22 @@ def decoder_layer(
         q = rms_norm(q, lp["q_norm"]["scale"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["k_norm"]["scale"], cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    new_kv = None
+    side = {}
     if kv is not None:
         k_cache, v_cache, index = kv
         k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
         v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-        k, v, new_kv = k_cache, v_cache, (k_cache, v_cache)
+        k, v = k_cache, v_cache
+        side["kv"] = (k_cache, v_cache)
     _check_window(cfg, k.shape[1])
+    if probe is not None:
+        side["probe"] = probe(q, k, meta)
     attn = attend(q, k, v, meta, cfg.head_dim**-0.5, cfg.attention_impl)
     x = x + proj("o_proj", attn.reshape(b, s, cfg.num_heads * cfg.head_dim))
     h = rms_norm(x, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
     h = jax.nn.silu(proj("gate_proj", h)) * proj("up_proj", h)
     x = x + proj("down_proj", h)
-    return x, new_kv
+    return x, side
 
 
 def _remat(cfg: ModelConfig, fn):
@@ -409,27 +417,30 @@ def run_layers(
     fast: Params | None = None,
     fast_scale: float = 1.0,
     cache: KVCache | None = None,
+    probe=None,
 ):
     """Runs a stack of layers (any contiguous slice of `params["layers"]`) with `lax.scan`.
 
     x: [B, S, D]; positions: [B, S] int; meta: key ranges (over S, or over the
     cache length T when `cache` is given). fast: optional fast weights stacked
     like the layers ({proj: {"A": [L, ...], "B": [L, ...]}}), applied with
-    `fast_scale` = alpha / rank. Returns (x, cache).
+    `fast_scale` = alpha / rank. probe: see `decoder_layer`.
+    Returns (x, cache), or (x, cache, per-layer probe outputs) with `probe`.
     """
     cos, sin = rope_cos_sin(cfg, positions)
 
     def body(carry, xs):
         lp, fl, kv = xs
         kv_in = None if kv is None else (kv[0], kv[1], cache.index)
-        out, new_kv = decoder_layer(cfg, lp, carry, cos, sin, meta, fl, fast_scale, kv_in)
-        return out, new_kv
+        return decoder_layer(cfg, lp, carry, cos, sin, meta, fl, fast_scale, kv_in, probe)
 
     body = _remat(cfg, body)
     kv_xs = None if cache is None else (cache.k, cache.v)
-    x, new_kv = jax.lax.scan(body, x, (layers, fast, kv_xs))
+    x, side = jax.lax.scan(body, x, (layers, fast, kv_xs))
     if cache is not None:
-        cache = KVCache(k=new_kv[0], v=new_kv[1], index=cache.index + x.shape[1])
+        cache = KVCache(k=side["kv"][0], v=side["kv"][1], index=cache.index + x.shape[1])
+    if probe is not None:
+        return x, cache, side["probe"]
     return x, cache
 
 

@@ -1,0 +1,249 @@
+"""FocuSFT's bilevel step (METHOD.md): the method itself, in one place.
+
+    one training step, batch of examples, step RNG
+      meta   = attention metadata (glm_bidir by default; same in both loops)
+      h      = bottom layers 0..start-1 (no fast weights): computed ONCE
+      phi_0  = fresh fast weights: A ~ U(+-1/sqrt(in)), B = 0
+      inner loop, k = 1..K (fast weights only, base weights theta fixed):
+          L_in  = masked CE through the top layers with phi_{k-1}
+          g     = d L_in / d phi, each tensor clipped to norm c, then SGD
+          phi_k = phi_{k-1} - lr * g      (unchanged where L_in is not finite)
+      outer:  L_out = masked CE through the top layers with phi_K
+              first_order: phi_K is a constant (stop-gradient)
+              full:        d L_out / d theta flows through the unrolled inner loop
+
+With per-example scope each example adapts its own phi (leading example axis):
+the inner objective is the sum of per-example losses, so every example's
+gradient is its own, unscaled by the batch size. `num_inner_steps = 0` is SFT
+with the glm_bidir mask; `attention = "causal"` on top of that is plain SFT.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from focusft_jax.attention import ATTENTION_KINDS, AttnMeta, attention_meta
+from focusft_jax.fast_weights import FAST_TARGETS, SCOPES, fast_start_layer, init_fast_weights
+from focusft_jax.loss import LossTargets, batch_mean, loss_targets, per_example_ce
+from focusft_jax.model import ModelConfig, Params, embed, layer_slice, run_layers
+
+META_GRADIENTS = ("first_order", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class FocusConfig:
+    """Static settings of the method (METHOD.md defaults)."""
+
+    num_inner_steps: int = 2
+    inner_lr: float = 1.0
+    inner_clip: float = 1.0
+    rank: int = 32
+    alpha: float = 64.0
+    fraction: float = 0.35
+    targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    scope: str = "per_example"
+    meta_gradient: str = "first_order"
+    attention: str = "glm_bidir"
+    max_loss_positions: int | None = None
+
+    def __post_init__(self):
+        if self.num_inner_steps < 0:
+            raise ValueError(f"num_inner_steps must be >= 0, got {self.num_inner_steps}")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank}")
+        if self.inner_clip <= 0:
+            raise ValueError(f"inner_clip must be > 0, got {self.inner_clip}")
+        for key, allowed in (("scope", SCOPES), ("meta_gradient", META_GRADIENTS), ("attention", ATTENTION_KINDS)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        bad = [t for t in self.targets if t not in FAST_TARGETS]
+        if bad or not self.targets:
+            raise ValueError(f"targets must be a non-empty subset of {FAST_TARGETS}, got {self.targets}")
+
+    @property
+    def fast_scale(self) -> float:
+        return self.alpha / self.rank
+
+
+# ---------------------------------------------------------------- inner optimizer
+
+
+def _safe_norm(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """L2 norm over `axes` whose derivative is finite at x = 0 (A's gradient
+    is exactly 0 at inner step 1, and the full mode differentiates this)."""
+    sq = jnp.sum(jnp.square(x), axis=axes, keepdims=True)
+    pos = sq > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+
+
+def clip_per_tensor(max_norm: float) -> optax.GradientTransformation:
+    """Clips each fast-weight tensor to L2 norm `max_norm` on its own:
+    g <- g * c / (||g|| + 1e-12) where ||g|| > c. A tensor is the last two
+    axes of a leaf; leading axes (layer, example) index separate tensors."""
+
+    def update(updates, state, params=None):
+        def clip(g):
+            norm = _safe_norm(g, (-2, -1))
+            return jnp.where(norm > max_norm, g * (max_norm / (norm + 1e-12)), g)
+
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def inner_optimizer(fcfg: FocusConfig) -> optax.GradientTransformation:
+    """The inner loop's update rule: per-tensor clip, then plain SGD."""
+    return optax.chain(clip_per_tensor(fcfg.inner_clip), optax.sgd(fcfg.inner_lr))
+
+
+# ---------------------------------------------------------------- pieces
+
+
+class StepContext(NamedTuple):
+    """What both loops share: the mask, positions, loss targets, and the
+    output of the bottom layers."""
+
+    meta: AttnMeta
+    positions: jax.Array
+    targets: LossTargets
+    bottom: jax.Array
+
+
+def prepare(params: Params, batch: dict, cfg: ModelConfig, fcfg: FocusConfig) -> StepContext:
+    """Builds the mask metadata (one function for both loops), positions
+    (restarting in every packed example) and loss targets, and runs the layers
+    below the fast-weight layers once."""
+    meta = attention_meta(batch["attention_mask"], batch["loss_mask"], batch.get("segment_ids"), fcfg.attention)
+    positions = batch.get("positions")
+    if positions is None:
+        idx = jnp.arange(batch["input_ids"].shape[1], dtype=jnp.int32)
+        positions = jnp.maximum(idx[None, :] - meta.kv_start, 0)
+    targets = loss_targets(batch, fcfg.max_loss_positions)
+    start = split_layer(cfg, fcfg)
+    x = embed(cfg, params, batch["input_ids"])
+    if start > 0:
+        x, _ = run_layers(cfg, layer_slice(params["layers"], 0, start), x, positions, meta)
+    return StepContext(meta, positions, targets, x)
+
+
+def split_layer(cfg: ModelConfig, fcfg: FocusConfig) -> int:
+    """Index of the first layer with fast weights (all layers are 'top' when
+    there is no inner loop, so nothing is split)."""
+    if fcfg.num_inner_steps == 0:
+        return 0
+    return fast_start_layer(cfg.num_layers, fcfg.fraction)
+
+
+def top_loss(
+    params: Params, fast: Params | None, ctx: StepContext, cfg: ModelConfig, fcfg: FocusConfig
+) -> tuple[jax.Array, jax.Array]:
+    """Per-example masked CE through the top layers with fast weights `fast`.
+    Returns (loss [B], has_tokens [B])."""
+    start = split_layer(cfg, fcfg)
+    top = layer_slice(params["layers"], start, cfg.num_layers)
+    h, _ = run_layers(cfg, top, ctx.bottom, ctx.positions, ctx.meta, fast, fcfg.fast_scale)
+    return per_example_ce(cfg, params, h, ctx.targets)
+
+
+def _per_example(mask: jax.Array, leaf: jax.Array, scope: str) -> jax.Array:
+    """Broadcasts a per-example [E] (or scalar, shared scope) flag over a
+    fast-weight leaf [n_top, (E,) a, b]."""
+    if scope == "shared":
+        return mask
+    return mask[None, :, None, None]
+
+
+def inner_adapt(
+    params: Params, fast0: Params, ctx: StepContext, cfg: ModelConfig, fcfg: FocusConfig
+) -> tuple[Params, jax.Array, jax.Array]:
+    """K unrolled steps of clipped SGD on the fast weights (base weights fixed).
+
+    Returns (phi_K, inner_losses [K] (mean over examples with loss tokens,
+    at phi_{k-1}), skipped [K] (examples whose step was not finite)).
+    Differentiable end to end: the `full` meta-gradient takes jax.grad of this.
+    """
+    opt = inner_optimizer(fcfg)
+    per_example = fcfg.scope == "per_example"
+
+    def objective(phi):
+        loss, has = top_loss(params, phi, ctx, cfg, fcfg)
+        # Per-example phi: the sum keeps every example's gradient its own.
+        total = jnp.sum(jnp.where(has, loss, 0.0)) if per_example else batch_mean(loss, has)
+        return total, (loss, has)
+
+    phi, state = fast0, opt.init(fast0)
+    losses, skipped = [], []
+    for _ in range(fcfg.num_inner_steps):
+        (_, (loss, has)), grads = jax.value_and_grad(objective, has_aux=True)(phi)
+        updates, state = opt.update(grads, state, phi)
+        new_phi = optax.apply_updates(phi, updates)
+        finite = jnp.isfinite(loss)
+        for g in jax.tree.leaves(grads):
+            axes = tuple(i for i in range(g.ndim) if i != 1) if per_example else None
+            finite = finite & jnp.all(jnp.isfinite(g), axis=axes)
+        if not per_example:
+            finite = jnp.all(finite)
+        phi = jax.tree.map(lambda new, old: jnp.where(_per_example(finite, new, fcfg.scope), new, old), new_phi, phi)
+        losses.append(batch_mean(jnp.where(jnp.isfinite(loss), loss, 0.0), has & jnp.isfinite(loss)))
+        skipped.append(jnp.sum(~finite & has) if per_example else (~finite).astype(jnp.int32))
+    return phi, jnp.stack(losses), jnp.stack(skipped)
+
+
+def draw_fast_weights(rng: jax.Array, batch_size: int, cfg: ModelConfig, fcfg: FocusConfig) -> Params:
+    """phi_0 for one step from the step's RNG (example axis for per-example scope)."""
+    start = fast_start_layer(cfg.num_layers, fcfg.fraction)
+    return init_fast_weights(
+        cfg,
+        rng,
+        num_top=cfg.num_layers - start,
+        targets=fcfg.targets,
+        rank=fcfg.rank,
+        batch=batch_size if fcfg.scope == "per_example" else None,
+    )
+
+
+# ---------------------------------------------------------------- the step's loss
+
+
+def focusft_loss(
+    params: Params,
+    batch: dict,
+    rng: jax.Array,
+    cfg: ModelConfig,
+    fcfg: FocusConfig,
+    fast0: Params | None = None,
+) -> tuple[jax.Array, dict]:
+    """The outer loss L_out of one FocuSFT step; jax.grad of it wrt params is
+    the meta-gradient of `fcfg.meta_gradient`.
+
+    batch: input_ids, attention_mask, loss_mask [B, S] (optional segment_ids,
+    positions). rng: the step's key, from which phi_0 is drawn unless `fast0`
+    (same layout as `draw_fast_weights`) is given. cfg, fcfg are static.
+    Returns (loss, aux) with aux: inner_losses [K], inner_skipped [K],
+    loss_tokens, dropped_tokens, examples (with loss tokens).
+    """
+    ctx = prepare(params, batch, cfg, fcfg)
+    phi, inner_losses, skipped = None, jnp.zeros((0,)), jnp.zeros((0,), jnp.int32)
+    if fcfg.num_inner_steps > 0:
+        if fast0 is None:
+            fast0 = draw_fast_weights(rng, batch["input_ids"].shape[0], cfg, fcfg)
+        if fcfg.meta_gradient == "first_order":
+            # Constant inputs: no derivative of the inner loop is ever built.
+            frozen = jax.lax.stop_gradient((params, ctx))
+            phi, inner_losses, skipped = inner_adapt(frozen[0], fast0, frozen[1], cfg, fcfg)
+            phi = jax.lax.stop_gradient(phi)
+        else:
+            phi, inner_losses, skipped = inner_adapt(params, fast0, ctx, cfg, fcfg)
+    loss, has = top_loss(params, phi, ctx, cfg, fcfg)
+    aux = {
+        "inner_losses": inner_losses,
+        "inner_skipped": skipped,
+        "loss_tokens": jnp.sum(ctx.targets.weight),
+        "dropped_tokens": ctx.targets.dropped,
+        "examples": jnp.sum(has),
+    }
+    return batch_mean(loss, has), aux
