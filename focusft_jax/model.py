@@ -56,6 +56,9 @@ class ModelConfig:
     attention_impl: a key of `attention.ATTENTION_IMPLS`.
     remat: activation checkpointing of each layer: "none", "full" (save only
     the layer input) or "dots" (save matmul outputs without batch dims).
+    scan_layers: run the stacked layers with a rolled `lax.scan` (compile time
+    independent of depth). False unrolls it: XLA's cost analysis counts a loop
+    body once, so FLOP counts need the unrolled program.
     """
 
     family: str
@@ -81,6 +84,7 @@ class ModelConfig:
     compute_dtype: str = "float32"
     attention_impl: str = "dense"
     remat: str = "none"
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -436,7 +440,7 @@ def run_layers(
 
     body = _remat(cfg, body)
     kv_xs = None if cache is None else (cache.k, cache.v)
-    x, side = jax.lax.scan(body, x, (layers, fast, kv_xs))
+    x, side = jax.lax.scan(body, x, (layers, fast, kv_xs), unroll=not cfg.scan_layers)
     if cache is not None:
         cache = KVCache(k=side["kv"][0], v=side["kv"][1], index=cache.index + x.shape[1])
     if probe is not None:
