@@ -1,0 +1,1 @@
+"""Evaluation and inference command-line tools (run as `python -m eval.<tool>`)."""

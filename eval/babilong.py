@@ -1,0 +1,575 @@
+"""BABILong evaluation, as the official code (booydar/babilong) does it.
+
+    python -m eval.babilong --checkpoint DIR --out OUT [--tasks qa1,...] [--lengths 0k,...]
+    python -m eval.babilong --prompts-only --out OUT ...      # prompts, no model
+    python -m eval.babilong --score RESULTS_DIR --out OUT     # re-score official prediction CSVs
+
+Prompt: the official `default_template` filled with the task's instruction,
+examples and post_prompt (each may be switched off with --prompt-parts: it
+becomes the empty string), the context stripped and the question as given;
+the whole string stripped. With a chat template it is sent as one user
+message with the generation prompt; without, as plain text with the
+tokenizer's special tokens. Greedy, 20 new tokens, special tokens skipped,
+answer stripped. Scoring is `compare_answers` (see its docstring), accuracy
+= 100 * correct / samples, and the headline is the mean over qa1..qa5.
+
+Phase-2 hook: `evaluate(samples, generate_fn, ...)` runs any
+`generate_fn(prompts: list[str]) -> list[str]` (prompts already chat-formatted).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+from eval import babilong_data as data
+from eval.report import (
+    CHAT_MODES,
+    PREFILL_ATTENTIONS,
+    EvalError,
+    GenerateFn,
+    chat_wrap,
+    count_tokens,
+    load_benchmark,
+    load_tokenizer,
+    make_generate_fn,
+    make_manifest,
+    manifest_markdown,
+    markdown_table,
+    model_max_context,
+    parse_list,
+    run_generation,
+    tokenizer_name,
+    use_chat_template,
+    write_heatmap,
+    write_json,
+    write_jsonl,
+    write_results,
+)
+
+BENCH = load_benchmark("babilong")
+TASKS = tuple(BENCH["prompts"])  # qa1..qa20
+PROMPT_PARTS = ("instruction", "examples", "post_prompt")
+DEFAULT_TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
+HEADLINE_TASKS = DEFAULT_TASKS
+DEFAULT_LENGTHS = ("0k", "1k", "2k", "4k", "8k", "16k", "32k")
+MAX_NEW_TOKENS = 20
+DECODING = {
+    "strategy": "greedy",
+    "max_new_tokens": MAX_NEW_TOKENS,
+    "skip_special_tokens": True,
+    "answer": "stripped",
+}
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def prompt_config(task: str, parts: Sequence[str] = PROMPT_PARTS) -> dict:
+    """{instruction, examples, post_prompt} of `task`; parts not listed are ""."""
+    if task not in BENCH["prompts"]:
+        raise EvalError(f"unknown BABILong task {task!r}; tasks are qa1..qa20")
+    bad = [p for p in parts if p not in PROMPT_PARTS]
+    if bad:
+        raise EvalError(f"unknown prompt parts {bad}; choose from {PROMPT_PARTS}")
+    return {p: (BENCH["prompts"][task][p] if p in parts else "") for p in PROMPT_PARTS}
+
+
+def format_prompt(task: str, context: str, question: str, parts: Sequence[str] = PROMPT_PARTS) -> str:
+    """The official formatted input (before any chat template)."""
+    cfg = prompt_config(task, parts)
+    text = BENCH["default_template"].format(
+        instruction=cfg["instruction"],
+        examples=cfg["examples"],
+        post_prompt=cfg["post_prompt"],
+        context=context.strip(),
+        question=question,
+    )
+    return text.strip()
+
+
+def prompt_name(parts: Sequence[str], chat_template: bool) -> str:
+    """The official results-file prompt name, e.g.
+    instruction_yes_examples_yes_post_prompt_yes_chat_template_yes."""
+    flags = [f"{p}_{'yes' if p in parts else 'no'}" for p in PROMPT_PARTS]
+    flags.append(f"chat_template_{'yes' if chat_template else 'no'}")
+    return "_".join(flags)
+
+
+def parse_prompt_name(name: str) -> tuple[list[str] | None, bool | None]:
+    """(prompt parts, chat template) from an official prompt name; None where absent."""
+    parts = []
+    known = True
+    for p in PROMPT_PARTS:
+        m = re.search(rf"(?:^|_){p}_(yes|no)(?:_|$)", name)
+        if m is None:
+            known = False
+        elif m.group(1) == "yes":
+            parts.append(p)
+    m = re.search(r"chat_template_(yes|no)", name)
+    return (parts if known else None), (None if m is None else m.group(1) == "yes")
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def task_labels(task: str) -> list[str]:
+    return list(BENCH["task_labels"][task])
+
+
+def preprocess_output(output: str) -> str:
+    """Lower-case; keep the text before the first '.'; cut at '<context>',
+    at '<example>' and at 'Question'. The last cut runs after lower-casing,
+    so it never fires: kept, as in the official code."""
+    output = output.lower()
+    output = output.split(".")[0]
+    output = output.split("<context>")[0]
+    output = output.split("<example>")[0]
+    output = output.split("Question")[0]
+    return output
+
+
+def compare_answers(target: str, output: str, question: str, labels: Sequence[str]) -> bool:
+    """The official BABILong rule.
+
+    labels (lower-cased) that occur as substrings in the lower-cased question
+    are never counted; found = the other labels occurring as substrings in
+    the preprocessed output. A target with a comma and longer than 3
+    characters (qa8's "apple,milk") is correct when every comma-separated
+    part is found and nothing else is; any other target when found is
+    exactly {target}.
+    """
+    output = preprocess_output(output)
+    target = target.lower()
+    labels_l = {label.lower() for label in labels}
+    in_question = {label for label in labels_l if label in question.lower()}
+    found = {label for label in labels_l if label in output} - in_question
+    if "," in target and len(target) > 3:
+        parts = target.split(",")
+        return all(p in found for p in parts) and len(found) == len(parts)
+    return target in found and len(found) == 1
+
+
+def score_prediction(task: str, target: str, output: str, question: str) -> bool:
+    return compare_answers(target, output, question, task_labels(task))
+
+
+# ---------------------------------------------------------------- the runner
+
+
+def evaluate(
+    samples: Mapping[tuple[str, str], Sequence[Mapping]],
+    generate_fn: GenerateFn,
+    *,
+    parts: Sequence[str] = PROMPT_PARTS,
+    wrap: Callable[[str], str] | None = None,
+    token_count: Callable[[str], int] | None = None,
+    max_context: int | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = 1,
+    progress: bool = True,
+) -> list[dict]:
+    """Generates and scores every sample.
+
+    samples: {(task, length): [records with input, question, target]}.
+    generate_fn: prompts (already wrapped) -> continuations.
+    wrap: the chat template (prompt -> model input string); None: plain.
+    token_count: model-input string -> tokens; used to sort batches and, with
+        max_context, to refuse samples whose prompt + max_new_tokens does not
+        fit (they are not generated: output None, correct None, `refused`
+        says why; their cell gets no accuracy).
+    Returns prediction rows: task, length, index, prompt (before the chat
+    template), question, target, output, correct (+ prompt_tokens).
+    """
+    rows: list[dict] = []
+    model_inputs: list[str] = []
+    for (task, length), records in samples.items():
+        for i, r in enumerate(records):
+            prompt = format_prompt(task, r["input"], r["question"], parts)
+            rows.append(
+                {
+                    "task": task,
+                    "length": length,
+                    "index": i,
+                    "prompt": prompt,
+                    "question": r["question"],
+                    "target": r["target"],
+                }
+            )
+            model_inputs.append(wrap(prompt) if wrap else prompt)
+    lengths = [token_count(m) for m in model_inputs] if token_count else [len(m) for m in model_inputs]
+    todo = []
+    for k, row in enumerate(rows):
+        if token_count:
+            row["prompt_tokens"] = lengths[k]
+        if max_context is not None and token_count and lengths[k] + max_new_tokens > max_context:
+            row["refused"] = f"prompt {lengths[k]} tokens + {max_new_tokens} new > model context {max_context}"
+            row["output"] = None
+            row["correct"] = None
+        else:
+            todo.append(k)
+    outputs = run_generation(
+        [model_inputs[k] for k in todo],
+        generate_fn,
+        batch_size=batch_size,
+        lengths=[lengths[k] for k in todo],
+        desc="BABILong",
+        progress=progress,
+    )
+    for k, out in zip(todo, outputs):
+        row = rows[k]
+        row["output"] = out.strip()
+        row["correct"] = score_prediction(row["task"], row["target"], row["output"], row["question"])
+    return rows
+
+
+# ---------------------------------------------------------------- results
+
+
+def _length_key(length: str) -> tuple:
+    try:
+        return (data.length_value(length), length)
+    except data.DataError:
+        return (10**9, length)
+
+
+def _task_key(task: str) -> tuple:
+    m = re.fullmatch(r"qa(\d+)", task)
+    return (int(m.group(1)) if m else 10**9, task)
+
+
+def accuracy_table(predictions: Sequence[Mapping], tasks: Sequence[str], lengths: Sequence[str]):
+    """({task: {length: percent | None}}, {task: {length: samples}},
+    {task: {length: refused}}). A cell with a refused sample has no accuracy."""
+    acc: dict = {t: {} for t in tasks}
+    counts: dict = {t: {} for t in tasks}
+    refused: dict = {}
+    for t in tasks:
+        for l in lengths:
+            cell = [p for p in predictions if p["task"] == t and p["length"] == l]
+            counts[t][l] = len(cell)
+            n_ref = sum(1 for p in cell if p.get("correct") is None)
+            if n_ref:
+                refused.setdefault(t, {})[l] = n_ref
+            if not cell or n_ref:
+                acc[t][l] = None
+            else:
+                acc[t][l] = 100.0 * sum(1 for p in cell if p["correct"]) / len(cell)
+    return acc, counts, refused
+
+
+def headline_mean(acc: Mapping, lengths: Sequence[str]) -> tuple[dict, list[str]]:
+    """Mean accuracy over qa1..qa5 per length (over those evaluated; a length
+    with a missing cell among them gets None), and the tasks it covers."""
+    covered = [t for t in HEADLINE_TASKS if t in acc]
+    mean = {}
+    for l in lengths:
+        vals = [acc[t].get(l) for t in covered]
+        mean[l] = None if (not vals or any(v is None for v in vals)) else sum(vals) / len(vals)
+    return mean, covered
+
+
+def build_results(predictions: Sequence[Mapping], tasks, lengths, manifest: Mapping, label: str) -> dict:
+    acc, counts, refused = accuracy_table(predictions, tasks, lengths)
+    mean, covered = headline_mean(acc, lengths)
+    res = {
+        "benchmark": label,
+        "tasks": list(tasks),
+        "lengths": list(lengths),
+        "accuracy": acc,
+        "mean_qa1_qa5": mean,
+        "mean_qa1_qa5_tasks": covered,
+        "samples": counts,
+        "manifest": dict(manifest),
+    }
+    if refused:
+        res["refused"] = refused
+    return res
+
+
+def results_markdown(results: Mapping) -> str:
+    tasks, lengths = results["tasks"], results["lengths"]
+    rows = [(t, results["accuracy"][t]) for t in tasks]
+    covered = results["mean_qa1_qa5_tasks"]
+    if covered:
+        name = "mean qa1-qa5" if len(covered) == len(HEADLINE_TASKS) else f"mean {'/'.join(covered)} ({len(covered)} of qa1-qa5)"
+        rows.append((name, results["mean_qa1_qa5"]))
+    src = results["manifest"].get("data_source") or {}
+    lines = [
+        f"# {results['benchmark']}: accuracy (%)",
+        "",
+        markdown_table(rows, lengths),
+        "",
+        f"Data: {src.get('label') or src.get('kind', '?')}"
+        + (f", {src['path']}" if src.get("path") else "")
+        + (f", revision {src['revision']}" if src.get("revision") else ""),
+    ]
+    if results.get("refused"):
+        lines += ["", f"Refused (prompt + generation does not fit the model): {results['refused']}"]
+    lines += ["", "## Settings", "", manifest_markdown(results["manifest"])]
+    return "\n".join(lines)
+
+
+def write_report(out: str | Path, predictions: Sequence[Mapping], results: Mapping) -> None:
+    out = Path(out)
+    write_jsonl(out / "predictions.jsonl", predictions)
+    write_results(out, results, results_markdown(results))
+    write_heatmap(
+        out / "heatmap.png",
+        results["accuracy"],
+        results["tasks"],
+        results["lengths"],
+        title=results["benchmark"],
+    )
+
+
+def print_table(results: Mapping, file=None) -> None:
+    file = file or sys.stdout
+    print(results_markdown(results).split("\n\nData:")[0], file=file)
+
+
+# ---------------------------------------------------------------- official prediction files
+
+_CSV_NAME = re.compile(r"^(qa\d+)_(\d+k)_(.+)\.csv$")
+
+
+def read_official_predictions(
+    results_dir: str | Path,
+    prompt: str | None = None,
+    tasks: Sequence[str] | None = None,
+    lengths: Sequence[str] | None = None,
+) -> tuple[list[dict], str]:
+    """Rows (task, length, index, question, target, output) from the CSV files
+    `<task>_<length>_<prompt name>.csv` (columns target, output, question) of
+    one model's folder of the official repository's results; and the prompt
+    name used. With several prompt names in the folder, `prompt` must pick one."""
+    root = Path(results_dir).expanduser()
+    if not root.is_dir():
+        raise EvalError(f"{root}: no such results directory")
+    found: dict[str, dict[tuple[str, str], Path]] = {}
+    for f in sorted(root.iterdir()):
+        m = _CSV_NAME.match(f.name)
+        if m and f.is_file():
+            found.setdefault(m.group(3), {})[(m.group(1), m.group(2))] = f
+    if not found:
+        raise EvalError(f"{root}: no <task>_<length>_<prompt name>.csv files")
+    if prompt is None:
+        if len(found) > 1:
+            raise EvalError(f"{root}: several prompt names {sorted(found)}; choose one with --prompt-name")
+        prompt = next(iter(found))
+    if prompt not in found:
+        raise EvalError(f"{root}: no files for prompt name {prompt!r}; found {sorted(found)}")
+    rows = []
+    for (task, length), f in sorted(found[prompt].items(), key=lambda kv: (_task_key(kv[0][0]), _length_key(kv[0][1]))):
+        if (tasks and task not in tasks) or (lengths and length not in lengths):
+            continue
+        if task not in BENCH["task_labels"]:
+            raise EvalError(f"{f}: unknown task {task}")
+        with f.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            missing = [c for c in ("target", "output", "question") if c not in (reader.fieldnames or [])]
+            if missing:
+                raise EvalError(f"{f}: missing columns {missing} (has {reader.fieldnames})")
+            for i, r in enumerate(reader):
+                out = r["output"] if r["output"] is not None else ""
+                rows.append(
+                    {
+                        "task": task,
+                        "length": length,
+                        "index": i,
+                        "question": r["question"],
+                        "target": r["target"],
+                        "output": out,
+                        "correct": score_prediction(task, r["target"], out, r["question"]),
+                    }
+                )
+    return rows, prompt
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_samples(args) -> tuple[dict, dict, str]:
+    """({(task, length): records}, data source record, benchmark label)."""
+    cells: dict = {}
+    if args.data == "generate":
+        counter = data.gpt2_counter(args.budget_tokenizer)
+        gen = data.BabilongGenerator(seed=args.seed, corpus_dir=args.corpus, counter=counter)
+        n = args.samples if args.samples is not None else 100
+        for t in args.tasks:
+            for l in args.lengths:
+                cells[(t, l)] = gen.samples(t, l, n)
+        return cells, gen.source(), data.REGENERATED_LABEL
+    if args.corpus:
+        raise EvalError("--corpus only applies to --data generate")
+    if args.data == "hub":
+        root = data.load_hub(args.dataset, args.tasks, args.lengths, args.revision)
+        kind = {"kind": "hub", "dataset": args.dataset, "requested_revision": args.revision}
+    else:
+        root = Path(args.data)
+        kind = {"kind": "local files", "dataset": args.dataset}
+    files, digests, revision = {}, {}, None
+    for t in args.tasks:
+        for l in args.lengths:
+            recs, src = data.load_local(root, t, l, args.samples)
+            cells[(t, l)] = recs
+            files[f"{t}/{l}"] = src["files"]
+            digests[f"{t}/{l}"] = src["sha256"]
+            revision = src.get("revision", revision)
+    source = {**kind, "label": "BABILong", "path": str(root), "revision": revision, "files": files, "sha256": digests}
+    return cells, source, "BABILong"
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m eval.babilong", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help="model directory (or hub id) to evaluate")
+    ap.add_argument("--tasks", default=None, help="comma-separated, default qa1,...,qa5")
+    ap.add_argument("--lengths", default=None, help="comma-separated, default 0k,1k,2k,4k,8k,16k,32k")
+    ap.add_argument("--data", default="hub", help="hub | PATH (local snapshot of the dataset) | generate")
+    ap.add_argument("--dataset", default="RMT-team/babilong", help="hub dataset id (with --data hub)")
+    ap.add_argument("--revision", default=None, help="hub dataset revision (default: main, the commit is recorded)")
+    ap.add_argument("--samples", type=int, default=None, help="samples per task and length (default: all; 100 when generating)")
+    ap.add_argument("--corpus", default=None, help="directory of plain-text books for --data generate (default: built-in filler)")
+    ap.add_argument("--budget-tokenizer", default=None, help="tokenizer (dir or tokenizer.json) for the generated context budget (default GPT-2 if cached, else an approximation)")
+    ap.add_argument("--chat-template", default="auto", choices=CHAT_MODES)
+    ap.add_argument("--prompt-parts", default=",".join(PROMPT_PARTS), help="any of instruction,examples,post_prompt ('' for none)")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--prefill-attention", default="causal", choices=PREFILL_ATTENTIONS)
+    ap.add_argument("--max-context", type=int, default=None, help="model context in tokens (default: config.json max_position_embeddings)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of --data generate")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--prompts-only", action="store_true", help="write OUT/prompts.jsonl, no model")
+    ap.add_argument("--score", default=None, metavar="DIR", help="re-score official prediction CSVs in DIR")
+    ap.add_argument("--prompt-name", default=None, help="with --score: which prompt name's files to score")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+def _resolve_lists(args, score_mode: bool) -> None:
+    if args.tasks is not None:
+        args.tasks = parse_list(args.tasks, TASKS, "task")
+    elif not score_mode:
+        args.tasks = list(DEFAULT_TASKS)
+    if args.lengths is not None:
+        args.lengths = parse_list(args.lengths, None, "length")
+        for l in args.lengths:
+            data.length_value(l)
+    elif not score_mode:
+        args.lengths = list(DEFAULT_LENGTHS)
+    args.parts = parse_list(args.prompt_parts, PROMPT_PARTS, "prompt part")
+
+
+def _score_main(args) -> dict:
+    rows, pname = read_official_predictions(args.score, args.prompt_name, args.tasks, args.lengths)
+    if not rows:
+        raise EvalError(f"{args.score}: no rows for the requested tasks/lengths")
+    tasks = sorted({r["task"] for r in rows}, key=_task_key)
+    lengths = sorted({r["length"] for r in rows}, key=_length_key)
+    parts, chat = parse_prompt_name(pname)
+    manifest = make_manifest(
+        checkpoint=None,
+        benchmark="BABILong (re-scored official predictions)",
+        tasks=tasks,
+        lengths=lengths,
+        samples={t: {l: sum(1 for r in rows if r["task"] == t and r["length"] == l) for l in lengths} for t in tasks},
+        data_source={"kind": "official prediction files", "path": str(Path(args.score).resolve()), "prompt_name": pname},
+        tokenizer=None,
+        chat_template=chat,
+        prompt_parts=parts,
+        decoding="as recorded by the run that wrote the predictions",
+        seed=None,
+        wordlist_version=None,
+        prefill_attention=None,
+        scoring="compare_answers (booydar/babilong metrics.py)",
+    )
+    results = build_results(rows, tasks, lengths, manifest, "BABILong")
+    write_report(args.out, rows, results)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _resolve_lists(args, score_mode=args.score is not None)
+        out = Path(args.out)
+        if args.score:
+            results = _score_main(args)
+            print_table(results)
+            return 0
+        if not args.prompts_only and not args.checkpoint:
+            raise EvalError("give --checkpoint (or --prompts-only, or --score DIR)")
+        cells, source, label = load_samples(args)
+        common = dict(
+            benchmark=label,
+            tasks=args.tasks,
+            lengths=args.lengths,
+            samples={t: {l: len(cells[(t, l)]) for l in args.lengths} for t in args.tasks},
+            data_source=source,
+            prompt_parts=args.parts,
+            seed=args.seed if args.data == "generate" else None,
+            wordlist_version=None,
+            prefill_attention=args.prefill_attention,
+        )
+        if args.prompts_only:
+            rows = []
+            for (t, l), recs in cells.items():
+                for i, r in enumerate(recs):
+                    rows.append(
+                        {
+                            "task": t,
+                            "length": l,
+                            "index": i,
+                            "prompt": format_prompt(t, r["input"], r["question"], args.parts),
+                            "question": r["question"],
+                            "target": r["target"],
+                        }
+                    )
+            write_jsonl(out / "prompts.jsonl", rows)
+            write_json(
+                out / "manifest.json",
+                make_manifest(checkpoint=None, tokenizer=None, chat_template=None, decoding=None, **common),
+            )
+            print(f"wrote {len(rows)} prompts to {out / 'prompts.jsonl'}")
+            return 0
+        tok = load_tokenizer(args.checkpoint)
+        chat = use_chat_template(tok, args.chat_template)
+        max_ctx = args.max_context or model_max_context(args.checkpoint)
+        gen_fn = make_generate_fn(
+            args.checkpoint, args.batch_size, args.prefill_attention, MAX_NEW_TOKENS, add_special_tokens=not chat
+        )
+        preds = evaluate(
+            cells,
+            gen_fn,
+            parts=args.parts,
+            wrap=(lambda p: chat_wrap(tok, p)) if chat else None,
+            token_count=lambda s: count_tokens(tok, s, add_special_tokens=not chat),
+            max_context=max_ctx,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+        manifest = make_manifest(
+            checkpoint=str(args.checkpoint),
+            tokenizer=tokenizer_name(tok),
+            chat_template=chat,
+            decoding=DECODING,
+            max_context=max_ctx,
+            prompt_name=prompt_name(args.parts, chat),
+            **common,
+        )
+        results = build_results(preds, args.tasks, args.lengths, manifest, label)
+        write_report(out, preds, results)
+        print_table(results)
+        return 0
+    except (EvalError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Builders that turn a training config into a tokenizer, a dataset and a
+model, plus the trainer's console output. Kept out of train.py so that the
+script reads top to bottom."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from focusft_jax.config import ConfigError
+from focusft_jax.data import ChatDataset, load_chat_dataset
+from focusft_jax.hf import load_hf
+from focusft_jax.model import ModelConfig, Params, init_params
+
+
+def build_tokenizer(cfg, out: Path, log) -> tuple[Any, Path]:
+    """The tokenizer and the directory its files live in (copied into the export).
+
+    From model.tokenizer or model.path; for the built-in data without one, a
+    byte-level BPE chat tokenizer trained on the generated data and saved in
+    OUTPUT_DIR/tokenizer."""
+    from transformers import AutoTokenizer
+
+    source = cfg.model.tokenizer or cfg.model.path
+    if source is None:
+        from focusft_jax.data.synthetic import builtin_records
+        from focusft_jax.tokenizer import build_chat_tokenizer
+
+        tok_dir = out / "tokenizer"
+        if not (tok_dir / "tokenizer.json").exists():
+            texts = [m["content"] for r in builtin_records(cfg.data.builtin) for m in r["messages"]]
+            vocab = cfg.model.init.vocab_size or 1024
+            build_chat_tokenizer(texts, tok_dir, vocab_size=vocab)
+            log(f"built a {vocab}-token chat tokenizer in {tok_dir}")
+        return AutoTokenizer.from_pretrained(tok_dir), tok_dir
+    from focusft_jax.hf import resolve_model_dir
+
+    try:
+        tok_dir = resolve_model_dir(source)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"model.tokenizer: could not load a tokenizer from {source!r} ({e}); "
+            "point model.tokenizer at a directory with tokenizer.json / tokenizer_config.json"
+        ) from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"model.tokenizer: the tokenizer in {tok_dir} has no chat template; training renders chats "
+            "with it. Use an instruct model's tokenizer or add a chat_template to tokenizer_config.json"
+        )
+    return tokenizer, tok_dir
+
+
+def build_dataset(cfg, tokenizer, out: Path, log) -> ChatDataset:
+    """Tokenizes the training data once (data.train files, or the built-in
+    synthetic data, written to OUTPUT_DIR/data/builtin.jsonl first so that it
+    goes through the same reader)."""
+    sources = list(cfg.data.train)
+    if cfg.data.builtin is not None:
+        from focusft_jax.data.synthetic import builtin_records
+
+        path = out / "data" / "builtin.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            for rec in builtin_records(cfg.data.builtin):
+                f.write(json.dumps(rec) + "\n")
+        sources.append(str(path))
+    ds = load_chat_dataset(
+        sources,
+        tokenizer,
+        max_length=cfg.data.max_length,
+        truncation=cfg.data.truncation,
+        on_bad_row=cfg.data.on_bad_row,
+        split=cfg.data.split,
+        log=log,
+    )
+    if len(ds) == 0:
+        raise ConfigError("data: no usable training examples (see the skipped-row counts above)")
+    return ds
+
+
+def build_model(cfg, tokenizer) -> tuple[ModelConfig, Params, dict]:
+    """(model config, params, HF config dict) from model.path or model.init."""
+    m = cfg.model
+    overrides = dict(
+        param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention_impl=m.attention_impl, remat=m.remat
+    )
+    if m.path is not None:
+        loaded = load_hf(m.path, **overrides)
+        return loaded.cfg, loaded.params, loaded.hf_config
+    a = m.init
+    vocab = a.vocab_size or len(tokenizer)
+    if vocab < len(tokenizer):
+        raise ConfigError(f"model.init.vocab_size ({vocab}) is smaller than the tokenizer ({len(tokenizer)} tokens)")
+    head_dim = a.head_dim or a.hidden_size // a.num_heads
+    model_cfg = ModelConfig(
+        family=a.family,
+        vocab_size=vocab,
+        hidden_size=a.hidden_size,
+        intermediate_size=a.intermediate_size,
+        num_layers=a.num_layers,
+        num_heads=a.num_heads,
+        num_kv_heads=a.num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=a.rms_norm_eps,
+        rope_theta=a.rope_theta,
+        max_position_embeddings=a.max_position_embeddings,
+        tie_word_embeddings=a.tie_word_embeddings,
+        qkv_bias=a.family == "qwen2",
+        qk_norm=a.family == "qwen3",
+        **overrides,
+    )
+    params = init_params(model_cfg, jax.random.key(cfg.train.seed), std=a.init_std)
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    return model_cfg, params, {k: v for k, v in ids.items() if v is not None}
+
+
+# ---------------------------------------------------------------- console
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def postfix(row: dict) -> dict:
+    out = {"loss": f"{row['loss']:.4f}" if row.get("loss") is not None else "nan"}
+    inner = row.get("inner_losses") or []
+    if inner:
+        out["inner"] = "/".join(f"{x:.3f}" if x is not None else "nan" for x in inner)
+    if row.get("tokens_per_s"):
+        out["tok/s"] = f"{row['tokens_per_s']:.0f}"
+    return out
+
+
+def final_summary(s: dict) -> str:
+    def fmt(x):
+        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+    lines = [
+        "",
+        f"done: {s['step']} steps, loss {fmt(s['first_logged_loss'])} -> {fmt(s['final_loss'])}"
+        + (f", {s['skipped_steps']} non-finite steps skipped" if s["skipped_steps"] else ""),
+        f"  data:        {s['data']}",
+        f"  config:      {s['config']}",
+        f"  checkpoints: {s['checkpoints']}",
+        f"  HF export:   {s['hf_export']}   (load with transformers, or evaluate:",
+        f"               python -m eval.babilong --checkpoint {s['hf_export']} --data generate --out {Path(s['output_dir']) / 'eval'})",
+        f"  metrics:     {s['metrics']}  (TensorBoard: tensorboard --logdir {s['tensorboard']})",
+    ]
+    return "\n".join(lines)

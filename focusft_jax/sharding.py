@@ -1,0 +1,125 @@
+"""Device mesh, parameter and batch shardings.
+
+The mesh has three named axes: `data` (pure data parallelism), `fsdp`
+(data parallelism with parameters and optimizer state sharded) and `tensor`
+(tensor parallelism of heads, FFN and vocabulary). Parameters are sharded by
+their logical axis names (`model.logical_axes`) through `LOGICAL_RULES`;
+batches are split over `data` x `fsdp`.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical parameter axis -> mesh axis (None: replicated).
+LOGICAL_RULES = {
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "layers": None,
+    "norm": None,
+    "head_dim": None,
+}
+
+
+def maybe_initialize_distributed(mode: str = "auto") -> bool:
+    """Calls jax.distributed.initialize() when asked ("on"), or with "auto"
+    when a multi-host launcher's environment is present (a coordinator
+    address, SLURM with several tasks, or a TPU pod's worker list).
+    Returns whether it initialized."""
+    if mode == "off":
+        return False
+    launcher = (
+        "JAX_COORDINATOR_ADDRESS" in os.environ
+        or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+        or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+        or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    )
+    if mode == "on" or launcher:
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices; one axis of size -1 takes
+    the devices the others leave. Raises ValueError when the sizes do not
+    multiply to the device count."""
+    devices = jax.devices() if devices is None else devices
+    n = len(devices)
+    sizes = [data, fsdp, tensor]
+    if -1 in sizes:
+        rest = int(np.prod([s for s in sizes if s != -1]))
+        if n % rest:
+            raise ValueError(f"mesh: the fixed axes ({rest} devices) do not divide the {n} devices")
+        sizes[sizes.index(-1)] = n // rest
+    data, fsdp, tensor = sizes
+    if data * fsdp * tensor != n:
+        raise ValueError(
+            f"mesh: data x fsdp x tensor = {data} x {fsdp} x {tensor} = {data * fsdp * tensor}, "
+            f"but there are {n} devices"
+        )
+    # Auto axes: XLA propagates shardings from the parameters and batch
+    # (explicit sharding-in-types would demand every gather be annotated).
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    return jax.make_mesh((data, fsdp, tensor), MESH_AXES, devices=devices, axis_types=auto)
+
+
+def spec_for(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> P:
+    """PartitionSpec of one parameter; a dimension its mesh axis does not
+    divide stays replicated (e.g. 4 KV heads on 8-way tensor parallelism)."""
+    out = []
+    used = set()
+    for name, size in zip(axes, shape):
+        axis = LOGICAL_RULES.get(name)
+        if axis is None or axis in used or size % mesh.shape[axis]:
+            out.append(None)
+        else:
+            out.append(axis)
+            used.add(axis)
+    return P(*out)
+
+
+def param_shardings(params, logical, mesh: Mesh):
+    """NamedShardings for a params pytree given its logical-axes pytree."""
+    return jax.tree.map(
+        lambda axes, p: NamedSharding(mesh, spec_for(axes, p.shape, mesh)),
+        logical,
+        params,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedSharding:
+    spec = [None] * ndim
+    spec[batch_axis] = BATCH_AXES
+    return NamedSharding(mesh, P(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def shard_batch(batch: dict, mesh: Mesh, batch_axis: int = 0) -> dict:
+    """Places a host-local numpy batch onto the mesh, split over the batch
+    axes. With several processes each host passes its own rows."""
+    out = {}
+    for k, v in batch.items():
+        sharding = batch_sharding(mesh, np.ndim(v), batch_axis)
+        if jax.process_count() == 1:
+            out[k] = jax.device_put(v, sharding)
+        else:
+            out[k] = jax.make_array_from_process_local_data(sharding, v)
+    return out

@@ -1,0 +1,94 @@
+"""One optimizer step: gradient accumulation over micro-batches, the FocuSFT
+(or SFT) loss, clipping and AdamW, and skipping of non-finite steps."""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from focusft_jax.bilevel import FocusConfig, focusft_loss
+from focusft_jax.model import ModelConfig, Params
+
+
+@struct.dataclass
+class TrainState:
+    """step: optimizer steps taken; skipped: steps skipped for non-finite
+    gradients (parameters and optimizer state left unchanged)."""
+
+    step: jax.Array
+    params: Params
+    opt_state: Any
+    skipped: jax.Array
+
+
+def init_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        skipped=jnp.zeros((), jnp.int32),
+    )
+
+
+def _finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def train_step(
+    state: TrainState,
+    batch: dict,
+    rng: jax.Array,
+    cfg: ModelConfig,
+    fcfg: FocusConfig,
+    optimizer: optax.GradientTransformation,
+) -> tuple[TrainState, dict]:
+    """One optimizer step over `batch`, whose arrays are [A, micro, S]: A
+    micro-batches accumulated. The step's gradient is the gradient of the
+    mean loss over all examples with loss tokens (micro-batch gradients are
+    weighted by their number of such examples). rng: the step's key (fast
+    weights of micro-batch a are drawn from fold_in(rng, a)).
+    Returns (new state, metrics)."""
+    grad_fn = jax.value_and_grad(focusft_loss, has_aux=True)
+    num_micro = batch["input_ids"].shape[0]
+
+    def micro(carry, xs):
+        g_sum, loss_sum, n_sum, inner_sum = carry
+        mb, a = xs
+        (loss, aux), g = grad_fn(state.params, mb, jax.random.fold_in(rng, a), cfg, fcfg)
+        n = aux["examples"].astype(jnp.float32)
+        g_sum = jax.tree.map(lambda s, x: s + n * x.astype(jnp.float32), g_sum, g)
+        inner = aux["inner_losses"] * n
+        stats = (aux["loss_tokens"], aux["dropped_tokens"], jnp.sum(aux["inner_skipped"]))
+        return (g_sum, loss_sum + n * loss, n_sum + n, inner_sum + inner), stats
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+    init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros((fcfg.num_inner_steps,)))
+    (g_sum, loss_sum, n_sum, inner_sum), stats = jax.lax.scan(
+        micro, init, (batch, jnp.arange(num_micro))
+    )
+    denom = jnp.maximum(n_sum, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), g_sum, state.params)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    ok = _finite(grads) & jnp.isfinite(loss_sum)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    new_state = TrainState(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt, state.opt_state),
+        skipped=state.skipped + (~ok).astype(jnp.int32),
+    )
+    metrics = {
+        "loss": loss_sum / denom,
+        "inner_losses": inner_sum / denom,
+        "grad_norm": optax.global_norm(grads),
+        "examples": n_sum,
+        "loss_tokens": jnp.sum(stats[0]),
+        "dropped_tokens": jnp.sum(stats[1]),
+        "inner_skipped": jnp.sum(stats[2]),
+        "step_skipped": (~ok).astype(jnp.int32),
+    }
+    return new_state, metrics

@@ -1,0 +1,206 @@
+"""Fine-tune a Llama/Qwen-family model with FocuSFT (or an SFT baseline).
+
+    python train.py --config configs/tiny.yaml [--set optim.lr=2e-5 ...]
+
+Reads the config, builds the tokenizer, model, data, mesh and optimizer,
+resumes from the newest checkpoint in the output directory if there is one,
+trains, and leaves:
+
+    OUTPUT_DIR/config.yaml      the resolved config
+    OUTPUT_DIR/checkpoints/     orbax training checkpoints (params, optimizer, data position)
+    OUTPUT_DIR/hf/              the Hugging Face export (base model + tokenizer, no fast weights)
+    OUTPUT_DIR/metrics.jsonl    one line per logged step
+    OUTPUT_DIR/tensorboard/     TensorBoard event files
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from focusft_jax import setup
+from focusft_jax.bilevel import FocusConfig
+from focusft_jax.checkpoint import Checkpointer, abstract_like
+from focusft_jax.config import ConfigError, dump_config, load_config
+from focusft_jax.data import ChatLoader, DataError
+from focusft_jax.diagnostics import attention_diagnostics
+from focusft_jax.hf import CheckpointError, save_hf
+from focusft_jax.metrics_log import MetricsLogger
+from focusft_jax.model import logical_axes
+from focusft_jax.optim import make_optimizer
+from focusft_jax.sharding import make_mesh, maybe_initialize_distributed, param_shardings, shard_batch
+from focusft_jax.trainer import init_state, train_step
+
+
+class Preempted(Exception):
+    pass
+
+
+def train(cfg, log=print) -> dict:
+    """Runs the training job of `cfg` (a config.Config). Returns a summary."""
+    out = Path(cfg.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    maybe_initialize_distributed(cfg.mesh.distributed)
+    main_process = jax.process_index() == 0
+    if main_process:
+        dump_config(cfg, out / "config.yaml")
+
+    tokenizer, tokenizer_dir = setup.build_tokenizer(cfg, out, log)
+    dataset = setup.build_dataset(cfg, tokenizer, out, log)
+    model_cfg, params, hf_config = setup.build_model(cfg, tokenizer)
+    fcfg = FocusConfig(
+        num_inner_steps=cfg.method.num_inner_steps,
+        inner_lr=cfg.method.inner_lr,
+        inner_clip=cfg.method.inner_clip,
+        rank=cfg.method.rank,
+        alpha=cfg.method.alpha,
+        fraction=cfg.method.fraction,
+        targets=tuple(cfg.method.targets),
+        scope=cfg.method.scope,
+        meta_gradient=cfg.method.meta_gradient,
+        attention=cfg.method.attention,
+    )
+
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    accum = cfg.train.batch_size // cfg.train.micro_batch_size
+    host_rows, extra = divmod(cfg.train.batch_size, jax.process_count())
+    if extra:
+        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must divide over {jax.process_count()} hosts")
+    loader_kw = dict(
+        batch_size=host_rows,
+        packing=cfg.data.packing,
+        bucket_size=cfg.data.bucket_size,
+        seed=cfg.data.shuffle_seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    steps_per_epoch = ChatLoader(dataset, **loader_kw).steps_in_epoch(0)
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"train.batch_size ({cfg.train.batch_size}) is larger than the dataset ({len(dataset)} examples): "
+            "lower it or add data"
+        )
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    optimizer, schedule = make_optimizer(
+        params,
+        lr=cfg.optim.lr,
+        total_steps=total_steps,
+        warmup_ratio=cfg.optim.warmup_ratio,
+        min_lr_ratio=cfg.optim.min_lr_ratio,
+        weight_decay=cfg.optim.weight_decay,
+        b1=cfg.optim.b1,
+        b2=cfg.optim.b2,
+        eps=cfg.optim.eps,
+        grad_clip=cfg.optim.grad_clip,
+    )
+    params = jax.device_put(params, param_shardings(params, logical_axes(model_cfg), mesh))
+    state = jax.jit(lambda p: init_state(p, optimizer))(params)
+
+    ckpt = Checkpointer(out / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    loader_state = None
+    latest = ckpt.latest_step() if cfg.checkpoint.resume else None
+    if latest is not None:
+        state, loader_state = ckpt.restore(latest, abstract_like(state))
+        log(f"resumed from {out / 'checkpoints'} at step {latest}")
+    loader = ChatLoader(dataset, state=loader_state, **loader_kw)
+
+    step_fn = jax.jit(train_step, static_argnums=(3, 4, 5), donate_argnums=(0,))
+    logger = MetricsLogger(out, tensorboard=cfg.logging.tensorboard, enabled=main_process)
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    key = jax.random.key(cfg.train.seed)
+    start_step = int(state.step)
+    first_loss = last_loss = None
+    progress = setup.progress_bar(total_steps, start_step, enabled=cfg.logging.progress and main_process)
+    t_last, tokens_since = time.perf_counter(), 0
+    try:
+        while int(state.step) < total_steps:
+            batch = next(loader)
+            arrays = {k: v.reshape(accum, -1, v.shape[-1]) for k, v in batch.arrays.items()}
+            arrays = shard_batch(arrays, mesh, batch_axis=1)
+            step_cfg = dataclasses.replace(fcfg, max_loss_positions=batch.max_loss_positions)
+            step = int(state.step)
+            state, metrics = step_fn(state, arrays, jax.random.fold_in(key, step), model_cfg, step_cfg, optimizer)
+            tokens_since += int(np.sum(batch.arrays["attention_mask"])) * jax.process_count()
+            if (step + 1) % cfg.logging.every_steps == 0 or step + 1 == total_steps:
+                now = time.perf_counter()
+                metrics = {k: np.asarray(v) for k, v in metrics.items()}
+                metrics.update(lr=float(schedule(step)), tokens_per_s=tokens_since / (now - t_last),
+                               skipped_steps=int(state.skipped), epoch=batch.epoch)
+                t_last, tokens_since = now, 0
+                if cfg.logging.diagnostics_every and (step + 1) % cfg.logging.diagnostics_every == 0:
+                    first = {k: v[0] for k, v in arrays.items()}
+                    diag = jax.jit(attention_diagnostics, static_argnums=(2, 3))(
+                        state.params, first, model_cfg, fcfg.attention
+                    )
+                    metrics.update({f"attn_{k}": v for k, v in diag.items()})
+                row = logger.log(step + 1, metrics)
+                last_loss = row["loss"]
+                first_loss = last_loss if first_loss is None else first_loss
+                progress.set_postfix(setup.postfix(row), refresh=False)
+            progress.update(1)
+            done = int(state.step)
+            if done % cfg.checkpoint.every_steps == 0 or done == total_steps or stop["signal"]:
+                ckpt.save(done, state, loader.state_dict(), force=True)
+                if cfg.checkpoint.export_hf_at_save and main_process:
+                    ckpt.wait()
+                    save_hf(out / "hf", model_cfg, state.params, hf_config, tokenizer_dir)
+            if stop["signal"]:
+                raise Preempted()
+    except Preempted:
+        ckpt.close()
+        progress.close()
+        logger.close()
+        log(f"SIGTERM: saved a checkpoint at step {int(state.step)} in {out / 'checkpoints'}; "
+            "run the same command again to resume")
+        return {"preempted": True, "step": int(state.step), "output_dir": str(out)}
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    ckpt.close()
+    progress.close()
+    logger.close()
+    if main_process:
+        save_hf(out / "hf", model_cfg, state.params, hf_config, tokenizer_dir)
+    summary = {
+        "step": int(state.step),
+        "first_logged_loss": first_loss,
+        "final_loss": last_loss,
+        "skipped_steps": int(state.skipped),
+        "data": dataset.stats.summary(),
+        "output_dir": str(out),
+        "config": str(out / "config.yaml"),
+        "checkpoints": str(out / "checkpoints"),
+        "hf_export": str(out / "hf"),
+        "metrics": str(out / "metrics.jsonl"),
+        "tensorboard": str(out / "tensorboard"),
+    }
+    return summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="FocuSFT fine-tuning (see README.md).")
+    ap.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set optim.lr=2e-5 (repeatable)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+        summary = train(cfg, log=lambda m: print(m, file=sys.stderr))
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        print(setup.final_summary(summary), file=sys.stderr)
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
