@@ -69,6 +69,8 @@ def train(cfg, log=print) -> dict:
     )
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    log(f"{jax.device_count()} devices ({jax.default_backend()}), {jax.process_count()} process(es); "
+        f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}")
     accum = cfg.train.batch_size // cfg.train.micro_batch_size
     host_rows, extra = divmod(cfg.train.batch_size, jax.process_count())
     if extra:
@@ -133,7 +135,8 @@ def train(cfg, log=print) -> dict:
                 now = time.perf_counter()
                 metrics = {k: np.asarray(v) for k, v in metrics.items()}
                 metrics.update(lr=float(schedule(step)), tokens_per_s=tokens_since / (now - t_last),
-                               skipped_steps=int(state.skipped), epoch=batch.epoch)
+                               skipped_steps=int(state.skipped), epoch=batch.epoch, data_step=batch.step,
+                               batch_checksum=setup.checksum(batch.arrays["input_ids"]))
                 t_last, tokens_since = now, 0
                 if cfg.logging.diagnostics_every and (step + 1) % cfg.logging.diagnostics_every == 0:
                     first = {k: v[0] for k, v in arrays.items()}
@@ -197,7 +200,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:
-        print(setup.final_summary(summary), file=sys.stderr)
+        if not summary.get("preempted"):
+            print(setup.final_summary(summary), file=sys.stderr)
         print(json.dumps(summary))
     return 0
 

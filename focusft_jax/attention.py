@@ -117,7 +117,16 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: AttnMeta, sc
     return out.reshape(b, s, hq, d)
 
 
-ATTENTION_IMPLS = {"dense": dense_attention}
+def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: AttnMeta, scale: float) -> jax.Array:
+    """Memory-efficient attention (online softmax over key blocks, masked
+    blocks skipped, custom VJP from the saved log-sum-exp); same contract as
+    `dense_attention`. See `focusft_jax.blockwise`."""
+    from focusft_jax.blockwise import blockwise_attention as flash
+
+    return flash(q, k, v, meta.kv_start, meta.kv_end, scale)
+
+
+ATTENTION_IMPLS = {"dense": dense_attention, "blockwise": blockwise_attention}
 
 
 def attend(q, k, v, meta: AttnMeta, scale: float, impl: str = "dense") -> jax.Array:

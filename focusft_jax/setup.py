@@ -125,6 +125,16 @@ def build_model(cfg, tokenizer) -> tuple[ModelConfig, Params, dict]:
 # ---------------------------------------------------------------- console
 
 
+def checksum(ids) -> int:
+    """A cheap fingerprint of a batch's token ids (logged, so a resumed run
+    can be checked to see the same batches)."""
+    import zlib
+
+    import numpy as np
+
+    return zlib.crc32(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
+
+
 def progress_bar(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 

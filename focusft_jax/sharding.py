@@ -50,9 +50,10 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices; one axis of size -1 takes
-    the devices the others leave. Raises ValueError when the sizes do not
-    multiply to the device count."""
+    """A (data, fsdp, tensor) mesh; one axis of size -1 takes the devices the
+    others leave. Fixed sizes whose product is below the device count use the
+    first devices. Raises ValueError when the sizes ask for more devices than
+    there are, or a -1 axis cannot be filled evenly."""
     devices = jax.devices() if devices is None else devices
     n = len(devices)
     sizes = [data, fsdp, tensor]
@@ -62,6 +63,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
             raise ValueError(f"mesh: the fixed axes ({rest} devices) do not divide the {n} devices")
         sizes[sizes.index(-1)] = n // rest
     data, fsdp, tensor = sizes
+    if data * fsdp * tensor < n and -1 not in (data, fsdp, tensor):
+        # An explicit smaller mesh (e.g. 1 x 1 x 1 for a reference run) uses
+        # the first devices.
+        devices = devices[: data * fsdp * tensor]
+        n = len(devices)
     if data * fsdp * tensor != n:
         raise ValueError(
             f"mesh: data x fsdp x tensor = {data} x {fsdp} x {tensor} = {data * fsdp * tensor}, "
