@@ -34,15 +34,14 @@ import numpy as np
 
 from focusft_jax.attention import AttnMeta, attention_meta
 from focusft_jax.model import (
-    KVCache,
     ModelConfig,
     Params,
+    decoder_layer,
     embed,
     final_norm,
-    init_cache,
     lm_logits,
     positions_from_mask,
-    run_layers,
+    rope_cos_sin,
 )
 
 PREFILL_ATTENTIONS = ("causal", "glm_bidir")
@@ -112,6 +111,12 @@ def sample_logits(
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
+def _kv_of(side):
+    """The updated (k, v) caches from `decoder_layer`'s second output (a dict
+    with "kv" in the current model, the bare pair in older versions)."""
+    return side["kv"] if isinstance(side, dict) else side
+
+
 def _prefill_meta(attention_mask: jax.Array, prefill_attention: str) -> AttnMeta:
     if prefill_attention == "causal":
         return attention_meta(attention_mask, kind="causal")
@@ -120,7 +125,6 @@ def _prefill_meta(attention_mask: jax.Array, prefill_attention: str) -> AttnMeta
     raise ValueError(f"prefill_attention must be one of {PREFILL_ATTENTIONS}, got {prefill_attention!r}")
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sample", "prefill_attention"))
 def generate_tokens(
     cfg: ModelConfig,
     params: Params,
@@ -151,22 +155,58 @@ def generate_tokens(
     max_new_tokens, sample, prefill_attention: static. `sample=False` is
         greedy (argmax). `prefill_attention` in {"causal", "glm_bidir"}.
 
-    The cache holds P + max_new_tokens slots (k, v: [L, B, P + N, Hkv, hd] in
-    the compute dtype). Logits are float32 and computed only for the last
+    The cache holds P + max_new_tokens slots: one (k, v) pair of
+    [B, P + N, Hkv, hd] per layer, in the compute dtype. Layers run unrolled
+    (one `model.decoder_layer` call each) so a decode step reads each layer's
+    weights and cache in place. Logits are float32 and computed only for the last
     prompt position during prefill. Returns a `GenerateOutput`.
+
+    Arguments are canonicalised (int32 ids, float32 sampling scalars, a
+    default key) before the jitted program is looked up, so Python scalars,
+    numpy and jax arrays share one compilation per shape.
     """
+    max_new_tokens = int(max_new_tokens)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prefill_attention not in PREFILL_ATTENTIONS:
+        raise ValueError(f"prefill_attention must be one of {PREFILL_ATTENTIONS}, got {prefill_attention!r}")
+    tokens = jnp.asarray(tokens, jnp.int32)
+    attention_mask = jnp.asarray(attention_mask, jnp.int32)
+    if tokens.ndim != 2 or tokens.shape != attention_mask.shape:
+        raise ValueError(
+            f"tokens and attention_mask must both be [B, P], got {tokens.shape} and {attention_mask.shape}"
+        )
+    sample = bool(sample)
     if sample and key is None:
         raise ValueError("sampling needs a PRNG key")
-    if key is None:
-        key = jax.random.PRNGKey(0)
+    if sample and isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"sampling needs temperature > 0, got {temperature} (use sample=False for greedy)")
+    if not sample:  # unused: fixed values keep one compiled program
+        key, temperature, top_p, top_k = None, 1.0, 1.0, 0
+    return _generate_jit(
+        cfg,
+        params,
+        tokens,
+        attention_mask,
+        jnp.asarray(eos_ids, jnp.int32).reshape(-1),
+        jnp.asarray(pad_id, jnp.int32),
+        jax.random.PRNGKey(0) if key is None else key,
+        jnp.asarray(temperature, jnp.float32),
+        jnp.asarray(top_p, jnp.float32),
+        jnp.asarray(top_k, jnp.int32),
+        max_new_tokens=max_new_tokens,
+        sample=sample,
+        prefill_attention=prefill_attention,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "sample", "prefill_attention"))
+def _generate_jit(
+    cfg, params, tokens, mask, eos_ids, pad_id, key, temperature, top_p, top_k, *, max_new_tokens, sample,
+    prefill_attention,
+):
     bsz, plen = tokens.shape
     total = plen + max_new_tokens
-    tokens = tokens.astype(jnp.int32)
-    mask = attention_mask.astype(jnp.int32)
-    eos_ids = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
-    pad_id = jnp.asarray(pad_id, jnp.int32)
     prompt_len = jnp.sum(mask, axis=-1)  # [B]
     first_real = plen - prompt_len  # [B] first real cache slot (left padding)
 
@@ -178,13 +218,27 @@ def generate_tokens(
     def is_eos(tok):
         return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
 
+    # Per-layer weights and caches, sliced once outside the decode loop, so
+    # that no step copies a layer's weights or cache out of a stacked array.
+    layers = [jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(cfg.num_layers)]
+    zeros = jnp.zeros((bsz, total, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
+    caches = tuple((zeros, zeros) for _ in range(cfg.num_layers))
+
+    def forward_cached(caches, tokens, positions, meta, index):
+        """Runs tokens [B, S] written at cache slots index..index+S-1; returns
+        (final-normed hidden states of the last input position [B, D], caches)."""
+        x = embed(cfg, params, tokens)
+        cos, sin = rope_cos_sin(cfg, positions)
+        new = []
+        for lp, (k, v) in zip(layers, caches):
+            x, side = decoder_layer(cfg, lp, x, cos, sin, meta, kv=(k, v, index))
+            new.append(_kv_of(side))
+        return final_norm(cfg, params, x[:, -1]), tuple(new)
+
     # ---- prefill: the whole prompt in one forward, writing cache slots 0..P-1
-    cache = init_cache(cfg, bsz, total)
     meta = _prefill_meta(mask, prefill_attention)
-    x = embed(cfg, params, tokens)
-    x, cache = run_layers(cfg, params["layers"], x, positions_from_mask(mask), meta, cache=cache)
-    logits = lm_logits(cfg, params, final_norm(cfg, params, x[:, -1]))  # [B, V] float32
-    tok = pick(logits, 0)
+    h, caches = forward_cached(caches, tokens, positions_from_mask(mask), meta, jnp.asarray(0, jnp.int32))
+    tok = pick(lm_logits(cfg, params, h), 0)  # logits [B, V] float32, last position only
     done = is_eos(tok)
     out = jnp.full((bsz, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
     lengths = jnp.ones((bsz,), jnp.int32)
@@ -195,21 +249,19 @@ def generate_tokens(
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        step, cache, prev, done, out, lengths = state
-        slot = cache.index  # == plen + step - 1
+        step, caches, prev, done, out, lengths = state
+        slot = plen + step - 1
         pos = (prompt_len + step - 1)[:, None]
-        meta = AttnMeta(kv_start=first_real[:, None], kv_end=jnp.broadcast_to(slot + 1, (bsz, 1)).astype(jnp.int32))
-        x = embed(cfg, params, prev[:, None])
-        x, cache = run_layers(cfg, params["layers"], x, pos, meta, cache=cache)
-        logits = lm_logits(cfg, params, final_norm(cfg, params, x[:, 0]))
-        tok = pick(logits, step)
+        meta = AttnMeta(kv_start=first_real[:, None], kv_end=jnp.full((bsz, 1), slot + 1, jnp.int32))
+        h, caches = forward_cached(caches, prev[:, None], pos, meta, slot)
+        tok = pick(lm_logits(cfg, params, h), step)
         tok = jnp.where(done, pad_id, tok)
         out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], step, axis=1)
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | is_eos(tok)
-        return step + 1, cache, tok, done, out, lengths
+        return step + 1, caches, tok, done, out, lengths
 
-    state = (jnp.asarray(1, jnp.int32), cache, tok, done, out, lengths)
+    state = (jnp.asarray(1, jnp.int32), caches, tok, done, out, lengths)
     steps, _, _, done, out, lengths = jax.lax.while_loop(cond, body, state)
     return GenerateOutput(tokens=out, lengths=lengths, finished=done, steps=steps)
 
@@ -253,6 +305,8 @@ def generate(
     list of completion ids per row out (up to and including the first EOS id,
     else exactly `max_new_tokens` ids).
 
+    eos_ids: an id, a list of ids, or None (never stop early). pad_id: the
+    id used for left padding and for rows that have finished.
     temperature 0 is greedy; temperature > 0 samples with top_p / top_k from
     `seed` (an int, or a jax PRNG key). Prompts are left-padded to
     `bucket_length` of the longest (or to `pad_to`), so batches of similar
@@ -276,15 +330,15 @@ def generate(
     res = generate_tokens(
         cfg,
         params,
-        jnp.asarray(tokens),
-        jnp.asarray(mask),
-        jnp.asarray(eos, jnp.int32),
-        jnp.asarray(pad_id, jnp.int32),
+        tokens,
+        mask,
+        eos,
+        pad_id,
         key,
-        jnp.asarray(temperature if sample else 1.0, jnp.float32),
-        jnp.asarray(top_p, jnp.float32),
-        jnp.asarray(top_k, jnp.int32),
-        max_new_tokens=int(max_new_tokens),
+        temperature,
+        top_p,
+        top_k,
+        max_new_tokens=max_new_tokens,
         sample=sample,
         prefill_attention=prefill_attention,
     )
