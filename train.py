@@ -144,8 +144,11 @@ def train(cfg, log=print) -> dict:
                         state.params, first, model_cfg, fcfg.attention
                     )
                     metrics.update({f"attn_{k}": v for k, v in diag.items()})
+                # The base model's own loss on the batch: the inner loop's first
+                # loss (phi_0 has B = 0), or the loss itself without an inner loop.
+                metrics["base_loss"] = metrics["inner_losses"][0] if fcfg.num_inner_steps else metrics["loss"]
                 row = logger.log(step + 1, metrics)
-                last_loss = row["loss"]
+                last_loss = (row["loss"], row["base_loss"])
                 first_loss = last_loss if first_loss is None else first_loss
                 progress.set_postfix(setup.postfix(row), refresh=False)
             progress.update(1)
@@ -173,8 +176,10 @@ def train(cfg, log=print) -> dict:
         save_hf(out / "hf", model_cfg, state.params, hf_config, tokenizer_dir)
     summary = {
         "step": int(state.step),
-        "first_logged_loss": first_loss,
-        "final_loss": last_loss,
+        "first_logged_loss": first_loss and first_loss[0],
+        "final_loss": last_loss and last_loss[0],
+        "first_base_loss": first_loss and first_loss[1],
+        "final_base_loss": last_loss and last_loss[1],
         "skipped_steps": int(state.skipped),
         "data": dataset.stats.summary(),
         "output_dir": str(out),

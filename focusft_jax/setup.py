@@ -157,7 +157,8 @@ def final_summary(s: dict) -> str:
 
     lines = [
         "",
-        f"done: {s['step']} steps, loss {fmt(s['first_logged_loss'])} -> {fmt(s['final_loss'])}"
+        f"done: {s['step']} steps; outer loss {fmt(s['first_logged_loss'])} -> {fmt(s['final_loss'])}, "
+        f"base-model loss (before the inner loop) {fmt(s['first_base_loss'])} -> {fmt(s['final_base_loss'])}"
         + (f", {s['skipped_steps']} non-finite steps skipped" if s["skipped_steps"] else ""),
         f"  data:        {s['data']}",
         f"  config:      {s['config']}",
