@@ -12,6 +12,8 @@ message with the generation prompt; without, as plain text with the
 tokenizer's special tokens. Greedy, 20 new tokens, special tokens skipped,
 answer stripped. Scoring is `compare_answers` (see its docstring), accuracy
 = 100 * correct / samples, and the headline is the mean over qa1..qa5.
+The prompt forward uses blockwise (memory-efficient) attention for long
+prompts (--attention-impl, default auto: see `eval.report.prefill_attention_impl`).
 
 Phase-2 hook: `evaluate(samples, generate_fn, ...)` runs any
 `generate_fn(prompts: list[str]) -> list[str]` (prompts already chat-formatted).
@@ -27,10 +29,12 @@ from typing import Callable, Mapping, Sequence
 
 from eval import babilong_data as data
 from eval.report import (
+    ATTENTION_IMPLS,
     CHAT_MODES,
     PREFILL_ATTENTIONS,
     EvalError,
     GenerateFn,
+    attention_impl_record,
     chat_wrap,
     count_tokens,
     load_benchmark,
@@ -441,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-parts", default=",".join(PROMPT_PARTS), help="any of instruction,examples,post_prompt ('' for none)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--prefill-attention", default="causal", choices=PREFILL_ATTENTIONS)
+    ap.add_argument(
+        "--attention-impl",
+        default="auto",
+        choices=ATTENTION_IMPLS,
+        help="attention implementation of the prompt forward: auto (default) = blockwise (memory-efficient) "
+        "for long prompts, dense for short ones; results are the same up to float rounding",
+    )
     ap.add_argument("--max-context", type=int, default=None, help="model context in tokens (default: config.json max_position_embeddings)")
     ap.add_argument("--seed", type=int, default=0, help="seed of --data generate")
     ap.add_argument("--out", required=True, help="output directory")
@@ -493,6 +504,12 @@ def _score_main(args) -> dict:
     return results
 
 
+def _impl_kw(attention_impl: str) -> dict:
+    """make_generate_fn's attention_impl keyword, given only when not the
+    default (so a replacement hook with the plain signature keeps working)."""
+    return {} if attention_impl == "auto" else {"attention_impl": attention_impl}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -541,7 +558,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         chat = use_chat_template(tok, args.chat_template)
         max_ctx = args.max_context or model_max_context(args.checkpoint)
         gen_fn = make_generate_fn(
-            args.checkpoint, args.batch_size, args.prefill_attention, MAX_NEW_TOKENS, add_special_tokens=not chat
+            args.checkpoint,
+            args.batch_size,
+            args.prefill_attention,
+            MAX_NEW_TOKENS,
+            add_special_tokens=not chat,
+            **_impl_kw(args.attention_impl),
         )
         preds = evaluate(
             cells,
@@ -560,6 +582,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             decoding=DECODING,
             max_context=max_ctx,
             prompt_name=prompt_name(args.parts, chat),
+            attention_impl=attention_impl_record(args.attention_impl),
             **common,
         )
         results = build_results(preds, args.tasks, args.lengths, manifest, label)

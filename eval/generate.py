@@ -2,7 +2,8 @@
 
     python -m eval.generate --checkpoint DIR --prompt TEXT [--prompt TEXT ...]
         [--max-new-tokens N] [--chat] [--temperature T --top-p P --top-k K --seed S]
-        [--prefill-attention causal|glm_bidir] [--dtype float32|bfloat16]
+        [--prefill-attention causal|glm_bidir] [--attention-impl auto|dense|blockwise]
+        [--dtype float32|bfloat16]
 
 All prompts run as one left-padded batch (`focusft_jax.generate`). stdout gets
 exactly one JSON object per prompt, in order:
@@ -81,32 +82,14 @@ def pad_id_for(model_dir: Path, hf_config: dict, tokenizer, eos: Sequence[int]) 
     return int(eos[0]) if eos else 0
 
 
-# Files that hold a tokenizer's vocabulary; a directory with none of them has no tokenizer.
-_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
-_TOKENIZER_HINT = (
-    "The checkpoint directory needs tokenizer files (tokenizer.json and tokenizer_config.json), e.g. "
-    "written by focusft_jax.tokenizer.build_chat_tokenizer or copied from the base model."
-)
-
-
 def load_tokenizer(model_dir: Path):
-    """The tokenizer saved in model_dir; GenerateError when there is none.
+    """The tokenizer saved in model_dir; GenerateError when there is none
+    (no tokenizer files, unreadable, or empty: transformers would otherwise
+    build an empty tokenizer from config.json). The check is shared with the
+    evaluation harness: `eval.report.load_tokenizer`."""
+    from eval.report import load_tokenizer as _load
 
-    (transformers would otherwise build an empty tokenizer from config.json.)"""
-    from transformers import AutoTokenizer
-
-    model_dir = Path(model_dir)
-    if not any((model_dir / f).exists() for f in _VOCAB_FILES):
-        raise GenerateError(f"{model_dir}: no tokenizer ({', '.join(_VOCAB_FILES)} not found). {_TOKENIZER_HINT}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:  # unreadable files, unknown class, ...
-        raise GenerateError(
-            f"{model_dir}: could not load the tokenizer ({type(e).__name__}: {e}). {_TOKENIZER_HINT}"
-        ) from None
-    if len(tokenizer) <= 1:
-        raise GenerateError(f"{model_dir}: the tokenizer has an empty vocabulary. {_TOKENIZER_HINT}")
-    return tokenizer
+    return _load(Path(model_dir), error=GenerateError)
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str], chat: bool) -> list[list[int]]:
@@ -139,10 +122,16 @@ def run(
     seed: int = 0,
     prefill_attention: str = "causal",
     dtype: str | None = None,
+    attention_impl: str = "auto",
 ) -> list[dict]:
     """Loads the checkpoint and tokenizer, generates for all prompts in one
-    batch, and returns one {"prompt", "completion", "completion_ids"} dict per prompt."""
-    from focusft_jax.generate import generate
+    batch, and returns one {"prompt", "completion", "completion_ids"} dict per prompt.
+
+    attention_impl: the prompt forward's attention implementation, as in the
+    evaluation harness (`eval.report.prefill_attention_impl`): "auto" is
+    blockwise (memory-efficient) for long prompts, dense for short ones."""
+    from eval.report import EvalError, prefill_attention_impl
+    from focusft_jax.generate import bucket_length, generate
     from focusft_jax.hf import load_hf, resolve_model_dir
 
     if not prompts:
@@ -175,8 +164,12 @@ def run(
         "generating %d prompt(s), up to %d new tokens, eos %s, %s",
         len(ids), max_new_tokens, eos, "greedy" if temperature == 0 else f"temperature {temperature}",
     )
+    try:
+        impl = prefill_attention_impl(bucket_length(max(len(p) for p in ids)), attention_impl)
+    except EvalError as e:
+        raise GenerateError(str(e)) from None
     completions = generate(
-        model.cfg,
+        model.cfg.replace(attention_impl=impl),
         model.params,
         ids,
         max_new_tokens,
@@ -212,6 +205,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, default=0, help="0 = no top-k limit")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prefill-attention", choices=("causal", "glm_bidir"), default="causal")
+    ap.add_argument(
+        "--attention-impl",
+        choices=("auto", "dense", "blockwise"),
+        default="auto",
+        help="attention implementation of the prompt forward: auto (default) = blockwise for long prompts",
+    )
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="default: the checkpoint's")
     return ap.parse_args(argv)
 
@@ -236,6 +235,7 @@ def main(argv=None) -> int:
                 seed=args.seed,
                 prefill_attention=args.prefill_attention,
                 dtype=args.dtype,
+                attention_impl=args.attention_impl,
             )
     except (GenerateError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,9 +10,11 @@
   itself is one function `generate_fn(prompts: list[str]) -> list[str]`: it
   gets fully formatted prompt strings (chat template already applied) and
   returns the continuations as text;
-* the model hook (`make_generate_fn`), built lazily from `focusft_jax`;
-* tokenizer helpers (`load_tokenizer`, `use_chat_template`, `chat_wrap`,
-  `count_tokens`);
+* the model hook (`make_generate_fn`), built lazily from `focusft_jax`,
+  with the prefill's attention implementation chosen by prompt length
+  (`prefill_attention_impl`: blockwise, memory-efficient, for long prompts);
+* tokenizer helpers (`load_tokenizer`, which refuses a directory without
+  tokenizer files, `use_chat_template`, `chat_wrap`, `count_tokens`);
 * results files: `write_results` (results.json + results.md), `markdown_table`,
   `write_heatmap` (PNG, red-yellow-green 0..100).
 """
@@ -34,6 +36,12 @@ GenerateFn = Callable[[list[str]], list[str]]
 BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmarks"
 CHAT_MODES = ("auto", "on", "off")
 PREFILL_ATTENTIONS = ("causal", "glm_bidir")
+ATTENTION_IMPLS = ("auto", "dense", "blockwise")
+# --attention-impl auto: the prompt forward (prefill) uses blockwise
+# (memory-efficient) attention from this many padded prompt tokens on, dense
+# below. Dense attention builds float32 scores of [heads, P, P + new tokens]
+# per layer: 0.5 GB per 28 heads at 2K, 30 GB at 16K, 2 TB at 128K.
+BLOCKWISE_FROM_TOKENS = 2048
 
 
 class EvalError(ValueError):
@@ -208,16 +216,66 @@ def run_generation(
 # ---------------------------------------------------------------- tokenizers and chat templates
 
 
-def load_tokenizer(path_or_id: str | os.PathLike):
+# Files that hold a tokenizer's vocabulary (fast tokenizer.json, sentencepiece
+# models, BPE / WordPiece vocabularies). A directory with none of them has no
+# tokenizer: `transformers` (5.x) would then silently build an EMPTY tokenizer
+# from config.json, which encodes every text to no ids.
+TOKENIZER_VOCAB_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+)
+TOKENIZER_HINT = (
+    "A model directory needs its tokenizer files: tokenizer.json (or a vocabulary file: "
+    + ", ".join(TOKENIZER_VOCAB_FILES[1:])
+    + ") and tokenizer_config.json, e.g. written by focusft_jax.tokenizer.build_chat_tokenizer, "
+    "by focusft_jax.hf.save_hf(..., tokenizer_dir=...) or copied from the base model."
+)
+
+
+def missing_tokenizer(path: str | os.PathLike) -> str | None:
+    """Why the local directory `path` holds no tokenizer (a message naming the
+    directory and the expected files), or None when it has a vocabulary file.
+    Only local directories are checked (a hub id is checked after loading)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return None
+    if any((p / f).is_file() for f in TOKENIZER_VOCAB_FILES):
+        return None
+    present = sorted(f.name for f in p.iterdir() if f.is_file())
+    shown = ", ".join(present[:8]) + (", ..." if len(present) > 8 else "") if present else "nothing"
+    return (
+        f"{p}: no tokenizer (none of {', '.join(TOKENIZER_VOCAB_FILES)} found; the directory has {shown}). "
+        + TOKENIZER_HINT
+    )
+
+
+def load_tokenizer(path_or_id: str | os.PathLike, error: type[Exception] | None = None):
     """A `transformers` tokenizer from a local directory, or from a hub id
-    (only the tokenizer files are fetched)."""
+    (only the tokenizer files are fetched).
+
+    Raises `error` (default EvalError) with a message naming the directory and
+    the expected files when the directory has no tokenizer files, when
+    loading fails, or when the loaded tokenizer is empty (transformers builds
+    one from config.json alone instead of failing)."""
     from transformers import AutoTokenizer
 
+    error = error or EvalError
+    why = missing_tokenizer(path_or_id)
+    if why:
+        raise error(why)
     p = Path(path_or_id).expanduser()
+    where = str(p) if p.is_dir() else str(path_or_id)
     try:
-        return AutoTokenizer.from_pretrained(str(p) if p.is_dir() else str(path_or_id))
+        tok = AutoTokenizer.from_pretrained(where)
     except Exception as e:
-        raise EvalError(f"{path_or_id}: cannot load a tokenizer ({type(e).__name__}: {e})") from None
+        raise error(f"{where}: cannot load a tokenizer ({type(e).__name__}: {e}). {TOKENIZER_HINT}") from None
+    if len(tok) <= 1:
+        raise error(f"{where}: no tokenizer (the loaded tokenizer has an empty vocabulary). {TOKENIZER_HINT}")
+    return tok
 
 
 def use_chat_template(tokenizer, mode: str) -> bool:
@@ -273,6 +331,49 @@ def model_max_context(checkpoint: str | os.PathLike) -> int | None:
 _MODEL_CACHE: dict[str, Any] = {}
 
 
+def prefill_attention_impl(padded_prompt_tokens: int, attention_impl: str = "auto") -> str:
+    """The attention implementation (ModelConfig.attention_impl) for a prefill
+    of `padded_prompt_tokens` tokens: "auto" is blockwise from
+    BLOCKWISE_FROM_TOKENS on and dense below; "dense" / "blockwise" as named.
+    Both compute exact attention; blockwise never builds the P x P scores."""
+    if attention_impl not in ATTENTION_IMPLS:
+        raise EvalError(f"--attention-impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+    if attention_impl != "auto":
+        return attention_impl
+    return "blockwise" if padded_prompt_tokens >= BLOCKWISE_FROM_TOKENS else "dense"
+
+
+def attention_impl_record(attention_impl: str = "auto") -> dict:
+    """What the manifest records about the attention implementation."""
+    if attention_impl not in ATTENTION_IMPLS:
+        raise EvalError(f"--attention-impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+    return {
+        "setting": attention_impl,
+        "prefill": (
+            f"blockwise from {BLOCKWISE_FROM_TOKENS} padded prompt tokens, dense below"
+            if attention_impl == "auto"
+            else attention_impl
+        ),
+        "decode": "dense (one query row per step)",
+        "note": "both implementations compute exact attention",
+    }
+
+
+def load_model(checkpoint: str | os.PathLike):
+    """(focusft_jax HFModel, tokenizer) of a checkpoint, cached per checkpoint."""
+    key = str(checkpoint)
+    if key not in _MODEL_CACHE:
+        from focusft_jax.hf import CheckpointError, load_hf
+
+        tok = load_tokenizer(checkpoint)
+        try:
+            model = load_hf(checkpoint)
+        except CheckpointError as e:
+            raise EvalError(str(e)) from None
+        _MODEL_CACHE[key] = (model, tok)
+    return _MODEL_CACHE[key]
+
+
 def make_generate_fn(
     checkpoint: str | os.PathLike,
     batch_size: int,
@@ -280,6 +381,7 @@ def make_generate_fn(
     max_new_tokens: int = 20,
     *,
     add_special_tokens: bool = True,
+    attention_impl: str = "auto",
 ) -> GenerateFn:
     """Greedy `generate_fn(prompts) -> continuations` for a checkpoint.
 
@@ -289,14 +391,23 @@ def make_generate_fn(
     when a chat template already wrote the special tokens). Continuations are
     decoded with special tokens skipped.
 
+    attention_impl: the attention implementation of the prompt forward
+    (`prefill_attention_impl`): "auto" (default) is dense for short prompts
+    and blockwise (memory-efficient, never builds P x P scores) from
+    BLOCKWISE_FROM_TOKENS padded prompt tokens on; decode steps are dense
+    (`focusft_jax.generate`). The checkpoint's own config is overridden per
+    batch, so the choice follows the batch's padded prompt length.
+
     Uses `focusft_jax.generate.make_generate_fn` when that module offers one
-    (same positional arguments, plus add_special_tokens when it takes it); otherwise builds the function from
+    (same positional arguments, plus add_special_tokens / attention_impl
+    when it takes them); otherwise builds the function from
     `focusft_jax.hf.load_hf` and the host-level `focusft_jax.generate.generate`
     (token-id lists in, completion ids out). The imported model is cached per
     checkpoint, so asking again for another `max_new_tokens` is cheap.
     """
     if prefill_attention not in PREFILL_ATTENTIONS:
         raise EvalError(f"--prefill-attention must be one of {PREFILL_ATTENTIONS}, got {prefill_attention!r}")
+    prefill_attention_impl(1, attention_impl)  # checks the name
     try:
         import focusft_jax.generate as gen
     except ImportError as e:
@@ -307,33 +418,38 @@ def make_generate_fn(
         import inspect
 
         params = inspect.signature(hook).parameters
-        takes = "add_special_tokens" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-        kw = {"add_special_tokens": add_special_tokens} if takes else {}
+        var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        kw = {}
+        if "add_special_tokens" in params or var_kw:
+            kw["add_special_tokens"] = add_special_tokens
+        if "attention_impl" in params or var_kw:
+            kw["attention_impl"] = attention_impl
         return hook(checkpoint, batch_size, prefill_attention, max_new_tokens, **kw)
     if not hasattr(gen, "generate"):
         raise EvalError("focusft_jax.generate offers neither make_generate_fn nor generate(); cannot run a model")
 
-    key = str(checkpoint)
-    if key not in _MODEL_CACHE:
-        from focusft_jax.hf import load_hf
-
-        _MODEL_CACHE[key] = (load_hf(checkpoint), load_tokenizer(checkpoint))
-    model, tok = _MODEL_CACHE[key]
+    model, tok = load_model(checkpoint)
     eos = _eos_ids(model, tok)
     pad = _pad_id(model, tok, eos)
+    bucket = getattr(gen, "bucket_length", None)
 
     def generate_fn(prompts: list[str]) -> list[str]:
         outs: list[str] = []
         for i in range(0, len(prompts), batch_size):
             ids = [tok(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts[i : i + batch_size]]
-            top = max((max(x) for x in ids if x), default=-1)
+            if not all(ids):
+                raise EvalError("a prompt encodes to no tokens; the tokenizer is empty or broken")
+            top = max(max(x) for x in ids)
             if top >= model.cfg.vocab_size:
                 raise EvalError(
                     f"the tokenizer produced id {top}, outside the model's vocabulary ({model.cfg.vocab_size}); "
                     "the tokenizer does not belong to this model"
                 )
+            longest = max(len(x) for x in ids)
+            padded = bucket(longest) if bucket else longest
+            cfg = model.cfg.replace(attention_impl=prefill_attention_impl(padded, attention_impl))
             new = gen.generate(
-                model.cfg,
+                cfg,
                 model.params,
                 ids,
                 max_new_tokens,

@@ -19,6 +19,13 @@ Attention masks are `AttnMeta` key ranges over the cache slots:
 * decode (both modes): the query written at cache slot t sees
   [first real slot of its row, t].
 
+Attention implementation: the prefill runs `cfg.attention_impl` ("blockwise":
+memory-efficient, the P x (P + N) scores are never built, which long prompts
+(16K-128K tokens) need; "dense": one masked einsum, fine for short prompts).
+Decode steps always use dense attention (`DECODE_ATTENTION_IMPL`): a step has
+one query row, so its scores are [B, H, 1, P + N], linear in the length, and
+one einsum beats a sequential loop over key blocks.
+
 `generate` is the host-level convenience wrapper: lists of token ids in, lists
 of completion ids out (up to and including the first EOS, as `transformers`
 keeps it).
@@ -45,6 +52,7 @@ from focusft_jax.model import (
 )
 
 PREFILL_ATTENTIONS = ("causal", "glm_bidir")
+DECODE_ATTENTION_IMPL = "dense"
 
 
 class GenerateOutput(NamedTuple):
@@ -155,6 +163,10 @@ def generate_tokens(
     max_new_tokens, sample, prefill_attention: static. `sample=False` is
         greedy (argmax). `prefill_attention` in {"causal", "glm_bidir"}.
 
+    The prefill uses `cfg.attention_impl` (set "blockwise" for long prompts:
+    dense builds [B, H, P, P + N] float32 scores per layer); decode steps use
+    dense attention (one query row).
+
     The cache holds P + max_new_tokens slots: one (k, v) pair of
     [B, P + N, Hkv, hd] per layer, in the compute dtype. Layers run unrolled
     (one `model.decoder_layer` call each) so a decode step reads each layer's
@@ -223,19 +235,21 @@ def _generate_jit(
     layers = [jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(cfg.num_layers)]
     zeros = jnp.zeros((bsz, total, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
     caches = tuple((zeros, zeros) for _ in range(cfg.num_layers))
+    decode_cfg = cfg.replace(attention_impl=DECODE_ATTENTION_IMPL)
 
-    def forward_cached(caches, tokens, positions, meta, index):
-        """Runs tokens [B, S] written at cache slots index..index+S-1; returns
-        (final-normed hidden states of the last input position [B, D], caches)."""
+    def forward_cached(caches, tokens, positions, meta, index, lcfg=cfg):
+        """Runs tokens [B, S] written at cache slots index..index+S-1 with the
+        attention implementation of `lcfg`; returns (final-normed hidden
+        states of the last input position [B, D], caches)."""
         x = embed(cfg, params, tokens)
         cos, sin = rope_cos_sin(cfg, positions)
         new = []
         for lp, (k, v) in zip(layers, caches):
-            x, side = decoder_layer(cfg, lp, x, cos, sin, meta, kv=(k, v, index))
+            x, side = decoder_layer(lcfg, lp, x, cos, sin, meta, kv=(k, v, index))
             new.append(_kv_of(side))
         return final_norm(cfg, params, x[:, -1]), tuple(new)
 
-    # ---- prefill: the whole prompt in one forward, writing cache slots 0..P-1
+    # ---- prefill: the whole prompt in one forward (cfg.attention_impl), writing cache slots 0..P-1
     meta = _prefill_meta(mask, prefill_attention)
     h, caches = forward_cached(caches, tokens, positions_from_mask(mask), meta, jnp.asarray(0, jnp.int32))
     tok = pick(lm_logits(cfg, params, h), 0)  # logits [B, V] float32, last position only
@@ -253,7 +267,7 @@ def _generate_jit(
         slot = plen + step - 1
         pos = (prompt_len + step - 1)[:, None]
         meta = AttnMeta(kv_start=first_real[:, None], kv_end=jnp.full((bsz, 1), slot + 1, jnp.int32))
-        h, caches = forward_cached(caches, prev[:, None], pos, meta, slot)
+        h, caches = forward_cached(caches, prev[:, None], pos, meta, slot, decode_cfg)
         tok = pick(lm_logits(cfg, params, h), step)
         tok = jnp.where(done, pad_id, tok)
         out = jax.lax.dynamic_update_slice_in_dim(out, tok[:, None], step, axis=1)

@@ -38,6 +38,12 @@ CHAT_TEMPLATE = (
 
 _BYTE_ALPHABET_SIZE = 256
 
+# The Qwen2 / GPT-4-style split: contractions, letter runs, single digits,
+# punctuation runs, newlines, spaces.
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
 
 def build_chat_tokenizer(
     texts: Iterable[str],
@@ -57,7 +63,7 @@ def build_chat_tokenizer(
     Returns the `PreTrainedTokenizerFast` (also written to out_dir together
     with chat_template.jinja / tokenizer_config.json).
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     minimum = _BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
@@ -72,7 +78,16 @@ def build_chat_tokenizer(
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # Qwen2's pre-tokenization exactly: `transformers` (v5) loads a tokenizer
+    # that sits beside a qwen2 config.json as Qwen2Tokenizer, which rebuilds
+    # this pipeline from vocab + merges; any other split would tokenize the
+    # exported model's inputs differently from training.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(

@@ -64,3 +64,26 @@ def test_rejects_bad_arguments(tmp_path):
         build_chat_tokenizer(TEXTS, tmp_path, vocab_size=100)
     with pytest.raises(ValueError, match="non-empty"):
         build_chat_tokenizer(["", ""], tmp_path)
+
+
+def test_tokenizer_beside_a_qwen2_config_tokenizes_like_on_its_own(tmp_path):
+    """transformers loads it as Qwen2Tokenizer next to a qwen2 config.json
+    (as in our exports): the ids must not change."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from focusft_jax.tokenizer import build_chat_tokenizer
+
+    texts = ["Mary went to the kitchen 12 times in 2024.", "John's 345 apples weren't there!\n\n  ok"] * 30
+    alone = tmp_path / "alone"
+    build_chat_tokenizer(texts, alone, vocab_size=400)
+    beside = tmp_path / "beside"
+    build_chat_tokenizer(texts, beside, vocab_size=400)
+    (beside / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    a, b = AutoTokenizer.from_pretrained(alone), AutoTokenizer.from_pretrained(beside)
+    sample = "<|im_start|>user\nWhere is Mary? 12 3456 times, isn't it?\n\n  x<|im_end|>\n"
+    assert a(sample)["input_ids"] == b(sample)["input_ids"]
+    assert a.apply_chat_template([{"role": "user", "content": "hi 42"}], tokenize=False) == b.apply_chat_template(
+        [{"role": "user", "content": "hi 42"}], tokenize=False
+    )
