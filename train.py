@@ -55,18 +55,7 @@ def train(cfg, log=print) -> dict:
     tokenizer, tokenizer_dir = setup.build_tokenizer(cfg, out, log)
     dataset = setup.build_dataset(cfg, tokenizer, out, log)
     model_cfg, params, hf_config = setup.build_model(cfg, tokenizer)
-    fcfg = FocusConfig(
-        num_inner_steps=cfg.method.num_inner_steps,
-        inner_lr=cfg.method.inner_lr,
-        inner_clip=cfg.method.inner_clip,
-        rank=cfg.method.rank,
-        alpha=cfg.method.alpha,
-        fraction=cfg.method.fraction,
-        targets=tuple(cfg.method.targets),
-        scope=cfg.method.scope,
-        meta_gradient=cfg.method.meta_gradient,
-        attention=cfg.method.attention,
-    )
+    fcfg = FocusConfig(**{**dataclasses.asdict(cfg.method), "targets": tuple(cfg.method.targets)})
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     log(f"{jax.device_count()} devices ({jax.default_backend()}), {jax.process_count()} process(es); "

@@ -205,7 +205,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
             out.append(jnp.zeros(shape, dtype))
         else:
             out.append((std * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
-    return jax.tree_util.tree_unflatten(treedef, [x for x in out])
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def layer_slice(layers: Params, start: int, stop: int) -> Params:
