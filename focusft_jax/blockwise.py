@@ -77,6 +77,11 @@ def _scores(qb, kb, scale):
     return jnp.einsum("bhgqd,bhtd->bhgqt", qb, kb, preferred_element_type=jnp.float32) * scale
 
 
+def _scores_t(qb, ktb, scale):
+    """`_scores` from a transposed key block ktb [B,Hkv,D,bk]."""
+    return jnp.einsum("bhgqd,bhdt->bhgqt", qb, ktb, preferred_element_type=jnp.float32) * scale
+
+
 def _block_mask(sb, eb, j, bk):
     """Visibility of key block j for query rows with ranges sb/eb [B,bq]:
     bool [B,1,1,bq,bk] (broadcast over heads)."""
@@ -85,8 +90,9 @@ def _block_mask(sb, eb, j, bk):
     return mask[:, None, None]
 
 
-def _probs(qb, kb, lseb, sb, eb, j, bk, scale):
-    """Normalised probabilities of one block recomputed from the row LSE.
+def _probs(s, lseb, sb, eb, j, bk):
+    """Normalised probabilities of one block (scores s [B,Hkv,G,bq,bk])
+    recomputed from the row LSE.
 
     The `where` is inside the `exp` (exp(-inf) = 0) rather than around it so
     that masked entries contribute exact zeros *and* zero derivatives: a
@@ -94,7 +100,6 @@ def _probs(qb, kb, lseb, sb, eb, j, bk, scale):
     overflowing exp(s - lse) of a masked score and produce NaN when this
     function is differentiated (second-order mode).
     """
-    s = _scores(qb, kb, scale)
     mask = _block_mask(sb, eb, j, bk)
     return jnp.exp(jnp.where(mask, s - lseb[..., None], -jnp.inf))
 
@@ -158,6 +163,7 @@ def _fwd_loops(q, k, v, start, end, scale, bq, bk, skip):
     b, hkv, g, sp, d = q.shape
     nq, nk = sp // bq, k.shape[2] // bk
     lo, hi = _key_block_ranges(start, end, nq, bq, nk, bk, skip)
+    kt = jnp.swapaxes(k, 2, 3)  # see `_bwd_loops` on operand layouts
 
     def q_block(i):
         qb = _slice(q, i, bq, 3)
@@ -165,8 +171,8 @@ def _fwd_loops(q, k, v, start, end, scale, bq, bk, skip):
 
         def body(j, carry):
             m, l, acc = carry
-            kb, vb = _slice(k, j, bk, 2), _slice(v, j, bk, 2)
-            s = jnp.where(_block_mask(sb, eb, j, bk), _scores(qb, kb, scale), -jnp.inf)
+            ktb, vb = _slice(kt, j, bk, 3), _slice(v, j, bk, 2)
+            s = jnp.where(_block_mask(sb, eb, j, bk), _scores_t(qb, ktb, scale), -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             # A row with nothing visible yet keeps m = -inf; shift by 0
             # instead so that exp(-inf - (-inf)) = NaN never happens.
@@ -205,41 +211,53 @@ def _bwd_loops(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, skip):
 
     One pass: a scan over query blocks, and inside it a dynamic-range loop
     over the visible key blocks. dQ of the query block is a small loop carry;
-    dK and dV are float32 [B,Hkv,Tp,D] accumulators carried through both loops
-    and updated in place with dynamic_update_slice (linear memory, and each
-    probability block is recomputed only once).
+    dK and dV are float32 accumulators carried through both loops and updated
+    in place with dynamic_update_slice (linear memory, and each probability
+    block is recomputed only once).
+
+    Operand layouts: a CPU matmul wants its left operand's contracted axis
+    minor and its right operand's major. dK = dS^T Q and dV = P^T dO contract
+    the block's query rows, which would need a transposed copy of every
+    [G*bq, bk] dS and P block (measured: the costliest non-matmul op of a
+    training step). So they are accumulated transposed, dK^T = Q^T dS and
+    dV^T = dO^T P, from Q^T and dO^T made once per query block, into
+    [B,Hkv,D,Tp] accumulators transposed back once at the end; and the
+    scores read key blocks of K^T and V^T (made once).
     """
     b, hkv, g, sp, d = q.shape
     tp = k.shape[2]
     nq, nk = sp // bq, tp // bk
     lo, hi = _key_block_ranges(start, end, nq, bq, nk, bk, skip)
     delta = _delta(o, do, dlse)
+    kt, vt = jnp.swapaxes(k, 2, 3), jnp.swapaxes(v, 2, 3)  # [B,Hkv,D,Tp]
 
     def q_block(carry, i):
-        dk_acc, dv_acc = carry
+        dkt_acc, dvt_acc = carry
         qb, dob = _slice(q, i, bq, 3), _slice(do, i, bq, 3)
+        qbt, dobt = jnp.moveaxis(qb, -1, 2), jnp.moveaxis(dob, -1, 2)  # [B,Hkv,D,G,bq]
         lseb, deltab = _slice(lse, i, bq, 3), _slice(delta, i, bq, 3)
         sb, eb = _slice(start, i, bq, 1), _slice(end, i, bq, 1)
 
         def body(j, c):
-            dq, dk_acc, dv_acc = c
-            kb, vb = _slice(k, j, bk, 2), _slice(v, j, bk, 2)
-            p = _probs(qb, kb, lseb, sb, eb, j, bk, scale)
-            dp = jnp.einsum("bhgqd,bhtd->bhgqt", dob, vb, preferred_element_type=jnp.float32)
+            dq, dkt_acc, dvt_acc = c
+            kb, ktb, vtb = _slice(k, j, bk, 2), _slice(kt, j, bk, 3), _slice(vt, j, bk, 3)
+            p = _probs(_scores_t(qb, ktb, scale), lseb, sb, eb, j, bk)
+            dp = jnp.einsum("bhgqd,bhdt->bhgqt", dob, vtb, preferred_element_type=jnp.float32)
             ds = p * (dp - deltab[..., None])
             dq = dq + jnp.einsum("bhgqt,bhtd->bhgqd", ds.astype(k.dtype), kb, preferred_element_type=jnp.float32)
-            dk_blk = jnp.einsum("bhgqt,bhgqd->bhtd", ds.astype(q.dtype), qb, preferred_element_type=jnp.float32)
-            dv_blk = jnp.einsum("bhgqt,bhgqd->bhtd", p.astype(do.dtype), dob, preferred_element_type=jnp.float32)
-            dk_acc = lax.dynamic_update_slice_in_dim(dk_acc, _slice(dk_acc, j, bk, 2) + dk_blk, j * bk, axis=2)
-            dv_acc = lax.dynamic_update_slice_in_dim(dv_acc, _slice(dv_acc, j, bk, 2) + dv_blk, j * bk, axis=2)
-            return dq, dk_acc, dv_acc
+            dkt_blk = jnp.einsum("bhdgq,bhgqt->bhdt", qbt, ds.astype(q.dtype), preferred_element_type=jnp.float32)
+            dvt_blk = jnp.einsum("bhdgq,bhgqt->bhdt", dobt, p.astype(do.dtype), preferred_element_type=jnp.float32)
+            dkt_acc = lax.dynamic_update_slice_in_dim(dkt_acc, _slice(dkt_acc, j, bk, 3) + dkt_blk, j * bk, axis=3)
+            dvt_acc = lax.dynamic_update_slice_in_dim(dvt_acc, _slice(dvt_acc, j, bk, 3) + dvt_blk, j * bk, axis=3)
+            return dq, dkt_acc, dvt_acc
 
         dq0 = jnp.zeros((b, hkv, g, bq, d), jnp.float32)
-        dq, dk_acc, dv_acc = lax.fori_loop(lo[i], hi[i], body, (dq0, dk_acc, dv_acc))
-        return (dk_acc, dv_acc), (dq * scale).astype(q.dtype)
+        dq, dkt_acc, dvt_acc = lax.fori_loop(lo[i], hi[i], body, (dq0, dkt_acc, dvt_acc))
+        return (dkt_acc, dvt_acc), (dq * scale).astype(q.dtype)
 
-    acc0 = jnp.zeros((b, hkv, tp, d), jnp.float32)
-    (dk, dv), dq = lax.scan(q_block, (acc0, acc0), jnp.arange(nq))
+    acc0 = jnp.zeros((b, hkv, d, tp), jnp.float32)
+    (dkt, dvt), dq = lax.scan(q_block, (acc0, acc0), jnp.arange(nq))
+    dk, dv = jnp.swapaxes(dkt, 2, 3), jnp.swapaxes(dvt, 2, 3)
     return _from_blocks(dq, 3), (dk * scale).astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -283,7 +301,7 @@ def _bwd_scan(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, skip):
     def ds_block(i, j):
         qb, dob, lseb, deltab, sb, eb = q_rows(i)
         kb, vb = _slice(k, j, bk, 2), _slice(v, j, bk, 2)
-        p = _probs(qb, kb, lseb, sb, eb, j, bk, scale)
+        p = _probs(_scores(qb, kb, scale), lseb, sb, eb, j, bk)
         dp = jnp.einsum("bhgqd,bhtd->bhgqt", dob, vb, preferred_element_type=f32)
         return p, p * (dp - deltab[..., None]), qb, dob, kb
 
