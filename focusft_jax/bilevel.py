@@ -12,6 +12,10 @@
               first_order: phi_K is a constant (stop-gradient)
               full:        d L_out / d theta flows through the unrolled inner loop
 
+This file is the method as JAX autodiff reads it. `first_order` runs by
+default as first_order.py's equal but memory-lean form (the same loss and
+gradient, the inner steps and the outer pass in one loop).
+
 With per-example scope each example adapts its own phi (leading example axis):
 the inner objective is the sum of per-example losses, so every example's
 gradient is its own, unscaled by the batch size. `num_inner_steps = 0` is SFT
@@ -27,7 +31,12 @@ import jax.numpy as jnp
 import optax
 
 from focusft_jax.attention import ATTENTION_KINDS, AttnMeta, attention_meta
-from focusft_jax.fast_weights import FAST_TARGETS, SCOPES, fast_start_layer, init_fast_weights
+from focusft_jax.fast_weights import (
+    FAST_TARGETS,
+    SCOPES,
+    fast_start_layer,
+    init_fast_weights,
+)
 from focusft_jax.loss import LossTargets, batch_mean, loss_targets, per_example_ce
 from focusft_jax.model import ModelConfig, Params, embed, layer_slice, run_layers
 
@@ -49,6 +58,9 @@ class FocusConfig:
     meta_gradient: str = "first_order"
     attention: str = "glm_bidir"
     max_loss_positions: int | None = None
+    # first_order through first_order.py's memory-lean custom VJP (same value
+    # and gradient; reverse mode only). False: JAX autodiff of this file.
+    fused_first_order: bool = True
 
     def __post_init__(self):
         if self.num_inner_steps < 0:
@@ -113,15 +125,22 @@ class StepContext(NamedTuple):
     bottom: jax.Array
 
 
-def prepare(params: Params, batch: dict, cfg: ModelConfig, fcfg: FocusConfig) -> StepContext:
-    """Builds the mask metadata (one function for both loops), positions
-    (restarting in every packed example) and loss targets, and runs the layers
-    below the fast-weight layers once."""
+def mask_and_positions(batch: dict, fcfg: FocusConfig) -> tuple[AttnMeta, jax.Array]:
+    """The attention metadata of the batch (one function for both loops) and
+    its positions (restarting in every packed example unless given)."""
     meta = attention_meta(batch["attention_mask"], batch["loss_mask"], batch.get("segment_ids"), fcfg.attention)
     positions = batch.get("positions")
     if positions is None:
         idx = jnp.arange(batch["input_ids"].shape[1], dtype=jnp.int32)
         positions = jnp.maximum(idx[None, :] - meta.kv_start, 0)
+    return meta, positions
+
+
+def prepare(params: Params, batch: dict, cfg: ModelConfig, fcfg: FocusConfig) -> StepContext:
+    """Builds the mask metadata (one function for both loops), positions
+    (restarting in every packed example) and loss targets, and runs the layers
+    below the fast-weight layers once."""
+    meta, positions = mask_and_positions(batch, fcfg)
     targets = loss_targets(batch, fcfg.max_loss_positions)
     start = split_layer(cfg, fcfg)
     x = embed(cfg, params, batch["input_ids"])
@@ -145,8 +164,10 @@ def top_loss(
     Returns (loss [B], has_tokens [B])."""
     start = split_layer(cfg, fcfg)
     top = layer_slice(params["layers"], start, cfg.num_layers)
-    h, _ = run_layers(cfg, top, ctx.bottom, ctx.positions, ctx.meta, fast, fcfg.fast_scale)
-    return per_example_ce(cfg, params, h, ctx.targets)
+    # The last layer only at the scored positions, when they are fewer.
+    idx = ctx.targets.index if ctx.targets.index.shape[1] < ctx.bottom.shape[1] else None
+    h, _ = run_layers(cfg, top, ctx.bottom, ctx.positions, ctx.meta, fast, fcfg.fast_scale, query_index=idx)
+    return per_example_ce(cfg, params, h, ctx.targets, gathered=idx is not None)
 
 
 def _per_example(mask: jax.Array, leaf: jax.Array, scope: str) -> jax.Array:
@@ -155,6 +176,33 @@ def _per_example(mask: jax.Array, leaf: jax.Array, scope: str) -> jax.Array:
     if scope == "shared":
         return mask
     return mask[None, :, None, None]
+
+
+def inner_update(fcfg: FocusConfig, opt, state, phi: Params, grads: Params, loss: jax.Array, has: jax.Array):
+    """One clipped-SGD step of the inner loop from the gradient `grads` of the
+    inner objective at `phi` (per-example losses `loss` [B], `has` [B]).
+    Returns (phi', state', mean inner loss, skipped count)."""
+    per_example = fcfg.scope == "per_example"
+    updates, state = opt.update(grads, state, phi)
+    new_phi = optax.apply_updates(phi, updates)
+    finite = jnp.isfinite(loss)
+    for g in jax.tree.leaves(grads):
+        axes = tuple(i for i in range(g.ndim) if i != 1) if per_example else None
+        finite = finite & jnp.all(jnp.isfinite(g), axis=axes)
+    if not per_example:
+        finite = jnp.all(finite)
+    phi = jax.tree.map(lambda new, old: jnp.where(_per_example(finite, new, fcfg.scope), new, old), new_phi, phi)
+    mean = batch_mean(jnp.where(jnp.isfinite(loss), loss, 0.0), has & jnp.isfinite(loss))
+    skipped = jnp.sum(~finite & has) if per_example else (~finite).astype(jnp.int32)
+    return phi, state, mean, skipped
+
+
+def inner_objective(fcfg: FocusConfig, loss: jax.Array, has: jax.Array) -> jax.Array:
+    """The scalar the inner step differentiates: with per-example phi the sum
+    of per-example losses keeps every example's gradient its own."""
+    if fcfg.scope == "per_example":
+        return jnp.sum(jnp.where(has, loss, 0.0))
+    return batch_mean(loss, has)
 
 
 def inner_adapt(
@@ -167,29 +215,18 @@ def inner_adapt(
     Differentiable end to end: the `full` meta-gradient takes jax.grad of this.
     """
     opt = inner_optimizer(fcfg)
-    per_example = fcfg.scope == "per_example"
 
     def objective(phi):
         loss, has = top_loss(params, phi, ctx, cfg, fcfg)
-        # Per-example phi: the sum keeps every example's gradient its own.
-        total = jnp.sum(jnp.where(has, loss, 0.0)) if per_example else batch_mean(loss, has)
-        return total, (loss, has)
+        return inner_objective(fcfg, loss, has), (loss, has)
 
     phi, state = fast0, opt.init(fast0)
     losses, skipped = [], []
     for _ in range(fcfg.num_inner_steps):
         (_, (loss, has)), grads = jax.value_and_grad(objective, has_aux=True)(phi)
-        updates, state = opt.update(grads, state, phi)
-        new_phi = optax.apply_updates(phi, updates)
-        finite = jnp.isfinite(loss)
-        for g in jax.tree.leaves(grads):
-            axes = tuple(i for i in range(g.ndim) if i != 1) if per_example else None
-            finite = finite & jnp.all(jnp.isfinite(g), axis=axes)
-        if not per_example:
-            finite = jnp.all(finite)
-        phi = jax.tree.map(lambda new, old: jnp.where(_per_example(finite, new, fcfg.scope), new, old), new_phi, phi)
-        losses.append(batch_mean(jnp.where(jnp.isfinite(loss), loss, 0.0), has & jnp.isfinite(loss)))
-        skipped.append(jnp.sum(~finite & has) if per_example else (~finite).astype(jnp.int32))
+        phi, state, mean, skip = inner_update(fcfg, opt, state, phi, grads, loss, has)
+        losses.append(mean)
+        skipped.append(skip)
     return phi, jnp.stack(losses), jnp.stack(skipped)
 
 
@@ -226,11 +263,16 @@ def focusft_loss(
     Returns (loss, aux) with aux: inner_losses [K], inner_skipped [K],
     loss_tokens, dropped_tokens, examples (with loss tokens).
     """
+    if fcfg.num_inner_steps > 0 and fast0 is None:
+        fast0 = draw_fast_weights(rng, batch["input_ids"].shape[0], cfg, fcfg)
+    fused = fcfg.meta_gradient == "first_order" and fcfg.fused_first_order
+    if fcfg.num_inner_steps > 0 and fused and split_layer(cfg, fcfg) < cfg.num_layers:
+        from focusft_jax.first_order import first_order_loss  # imports this module
+
+        return first_order_loss(params, batch, fast0, cfg, fcfg)
     ctx = prepare(params, batch, cfg, fcfg)
     phi, inner_losses, skipped = None, jnp.zeros((0,)), jnp.zeros((0,), jnp.int32)
     if fcfg.num_inner_steps > 0:
-        if fast0 is None:
-            fast0 = draw_fast_weights(rng, batch["input_ids"].shape[0], cfg, fcfg)
         if fcfg.meta_gradient == "first_order":
             # Constant inputs: no derivative of the inner loop is ever built.
             frozen = jax.lax.stop_gradient((params, ctx))

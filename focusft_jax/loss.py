@@ -74,13 +74,17 @@ def loss_targets(batch: dict, max_positions: int | None = None) -> LossTargets:
     return LossTargets(index=index, target=target, weight=weight, dropped=dropped)
 
 
-def per_example_ce(cfg: ModelConfig, params: Params, hidden: jax.Array, tg: LossTargets) -> tuple[jax.Array, jax.Array]:
+def per_example_ce(
+    cfg: ModelConfig, params: Params, hidden: jax.Array, tg: LossTargets, gathered: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """Mean cross-entropy per example from last-layer hidden states.
 
-    hidden: [B, S, D] (before the final norm). Returns (loss [B], has_tokens [B]
-    bool); examples without tokens get loss 0.
+    hidden: [B, S, D] (before the final norm), or with `gathered` the states
+    at the scored positions only, [B, P, D] (a last layer run with
+    `query_index=tg.index`). Returns (loss [B], has_tokens [B] bool);
+    examples without tokens get loss 0.
     """
-    h = jnp.take_along_axis(hidden, tg.index[..., None], axis=1)
+    h = hidden if gathered else jnp.take_along_axis(hidden, tg.index[..., None], axis=1)
     logits = lm_logits(cfg, params, final_norm(cfg, params, h))
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, tg.target[..., None], axis=-1)[..., 0]

@@ -307,7 +307,7 @@ def linear(x: jax.Array, p: Params, fast: Params | None = None, fast_scale: floa
     LoRA) are {"A": [r, in], "B": [out, r]} shared by the batch, or with a
     leading example axis {"A": [B, r, in], "B": [B, out, r]}.
     """
-    y = x @ p["kernel"].astype(x.dtype)
+    y = _matmul(x, p["kernel"].astype(x.dtype))
     if "bias" in p:
         y = y + p["bias"].astype(x.dtype)
     if fast is not None:
@@ -362,6 +362,7 @@ def decoder_layer(
     fast_scale: float = 1.0,
     kv: tuple[jax.Array, jax.Array, jax.Array] | None = None,
     probe=None,
+    query_index: jax.Array | None = None,
 ):
     """One pre-norm decoder layer. x: [B, S, D] in the compute dtype.
 
@@ -370,6 +371,10 @@ def decoder_layer(
     the whole cache (meta ranges over T).
     probe: optional fn(q [B,S,Hq,hd], k [B,T,Hkv,hd], meta) -> pytree, called
     with the post-RoPE queries and keys (attention diagnostics).
+    query_index: optional int [B, P]: compute the layer's output only at these
+    positions (keys and values still come from all S): returns x [B, P, D],
+    equal to the full layer's output gathered there. For the last layer of a
+    training step, whose output is only read at the loss positions.
     Returns (x, side) with side = {"kv": (k_cache, v_cache)} and/or
     {"probe": ...} for what was asked.
     """
@@ -380,13 +385,18 @@ def decoder_layer(
         return linear(h, lp[name], fast.get(name), fast_scale)
 
     h = rms_norm(x, lp["input_layernorm"]["scale"], cfg.rms_norm_eps)
-    q = proj("q_proj", h).reshape(b, s, cfg.num_heads, cfg.head_dim)
     k = proj("k_proj", h).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
     v = proj("v_proj", h).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+    cos_q, sin_q = cos, sin
+    if query_index is not None:
+        at = lambda a: jnp.take_along_axis(a, query_index.reshape(query_index.shape + (1,) * (a.ndim - 2)), axis=1)
+        x, h, cos_q, sin_q = at(x), at(h), at(cos), at(sin)
+        meta = AttnMeta(at(meta.kv_start), at(meta.kv_end))
+    q = proj("q_proj", h).reshape(b, h.shape[1], cfg.num_heads, cfg.head_dim)
     if cfg.qk_norm:
         q = rms_norm(q, lp["q_norm"]["scale"], cfg.rms_norm_eps)
         k = rms_norm(k, lp["k_norm"]["scale"], cfg.rms_norm_eps)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, cos_q, sin_q), apply_rope(k, cos, sin)
     side = {}
     if kv is not None:
         k_cache, v_cache, index = kv
@@ -398,11 +408,46 @@ def decoder_layer(
     if probe is not None:
         side["probe"] = probe(q, k, meta)
     attn = attend(q, k, v, meta, cfg.head_dim**-0.5, cfg.attention_impl)
-    x = x + proj("o_proj", attn.reshape(b, s, cfg.num_heads * cfg.head_dim))
+    x = x + proj("o_proj", attn.reshape(b, q.shape[1], cfg.num_heads * cfg.head_dim))
     h = rms_norm(x, lp["post_attention_layernorm"]["scale"], cfg.rms_norm_eps)
     h = jax.nn.silu(proj("gate_proj", h)) * proj("up_proj", h)
     x = x + proj("down_proj", h)
     return x, side
+
+
+@jax.custom_vjp
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w [in, out], as `x @ w`, with a hand-written backward.
+
+    The weight gradient contracts the token axes of x and of the output
+    cotangent dy. XLA:CPU's matmul wants the contracted axis of its left
+    operand minor, so one of the two gets a transposed copy; JAX's own
+    transpose rule makes it dy, also when dy is the larger one (the FFN's
+    [S, F] against x's [S, D]), and that copy, fused with the elementwise
+    backward that produces dy, was the costliest non-matmul op of a
+    training step. Here the smaller operand is the one transposed. Both
+    rules are plain dot_generals, so this differentiates to any order in
+    reverse mode (the `full` meta-gradient).
+    """
+    return x @ w
+
+
+def _matmul_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _matmul_bwd(res, dy):
+    x, w = res
+    dx = jax.lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())))
+    batch = tuple(range(x.ndim - 1))
+    if x.shape[-1] <= dy.shape[-1]:
+        dw = jax.lax.dot_general(x, dy, ((batch, batch), ((), ())))
+    else:
+        dw = jax.lax.dot_general(dy, x, ((batch, batch), ((), ()))).T
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def _remat(cfg: ModelConfig, fn):
@@ -422,6 +467,7 @@ def run_layers(
     fast_scale: float = 1.0,
     cache: KVCache | None = None,
     probe=None,
+    query_index: jax.Array | None = None,
 ):
     """Runs a stack of layers (any contiguous slice of `params["layers"]`) with `lax.scan`.
 
@@ -429,8 +475,22 @@ def run_layers(
     cache length T when `cache` is given). fast: optional fast weights stacked
     like the layers ({proj: {"A": [L, ...], "B": [L, ...]}}), applied with
     `fast_scale` = alpha / rank. probe: see `decoder_layer`.
+    query_index: optional int [B, P]: the stack's output is wanted only at
+    these positions, so its last layer computes only them (`decoder_layer`);
+    x returned is then [B, P, D].
     Returns (x, cache), or (x, cache, per-layer probe outputs) with `probe`.
     """
+    if query_index is not None:
+        if cache is not None or probe is not None:
+            raise ValueError("query_index is for training passes, not with a cache or a probe")
+        n = jax.tree.leaves(layers)[0].shape[0]
+        last = lambda tree: jax.tree.map(lambda a: a[n - 1], tree)
+        x, _ = run_layers(cfg, layer_slice(layers, 0, n - 1), x, positions, meta,
+                          None if fast is None else layer_slice(fast, 0, n - 1), fast_scale)
+        cos, sin = rope_cos_sin(cfg, positions)
+        layer = _remat(cfg, lambda lp, x, fl: decoder_layer(
+            cfg, lp, x, cos, sin, meta, fl, fast_scale, query_index=query_index)[0])
+        return layer(last(layers), x, None if fast is None else last(fast)), None
     cos, sin = rope_cos_sin(cfg, positions)
 
     def body(carry, xs):

@@ -39,7 +39,9 @@ CFG = ModelConfig(
 # fraction 0.5 of 4 layers: layers 0, 1 are bottom (no fast weights), 2, 3 top.
 # inner_clip 0.3: with these sizes the per-tensor gradient norms straddle it,
 # so both branches of the clip are taken (asserted below).
-FCFG = FocusConfig(num_inner_steps=2, inner_lr=1.0, inner_clip=0.3, rank=4, alpha=8.0, fraction=0.5)
+# max_loss_positions 9 (>= the 8 scored tokens of a row, < S): logits and the
+# last layer at the scored positions only, as the trainer runs it.
+FCFG = FocusConfig(num_inner_steps=2, inner_lr=1.0, inner_clip=0.3, rank=4, alpha=8.0, fraction=0.5, max_loss_positions=9)
 FULL = dataclasses.replace(FCFG, meta_gradient="full")
 START = 2
 N_TOP = CFG.num_layers - START
@@ -196,12 +198,13 @@ def test_reference_mask_rule_consequences():
 # ---------------------------------------------------------------- first order
 
 
-@pytest.mark.parametrize("b_std", [0.0, 0.05], ids=["B0=0", "B0=random"])
-def test_first_order_matches_reference(b_std):
+@pytest.mark.parametrize("b_std,positions", [(0.0, 9), (0.05, 9), (0.05, None)], ids=["B0=0", "B0=random", "all_positions"])
+def test_first_order_matches_reference(b_std, positions):
+    fcfg = dataclasses.replace(FCFG, max_loss_positions=positions)
     params, batch, fast0 = make_params(), make_batch(), make_fast0(2, b_std=b_std)
-    (loss, aux), grads, (phi, inner_losses, skipped) = lib(params, batch, fast0)
+    (loss, aux), grads, (phi, inner_losses, skipped) = lib(params, batch, fast0, fcfg)
     stats = new_stats()
-    (rloss, raux), rgrads = ref_value_and_grad(params, batch, fast0, FCFG, True, stats)
+    (rloss, raux), rgrads = ref_value_and_grad(params, batch, fast0, fcfg, True, stats)
 
     # the data exercise both branches of the clip, and (B0 = 0) the zero A gradient
     assert stats["clipped"] > 0 and stats["unclipped"] > 0, stats

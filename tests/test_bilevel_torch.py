@@ -42,7 +42,11 @@ HF_KW = dict(
 )
 TARGETS = ("gate_proj", "up_proj", "down_proj")
 # clip 0.3: the per-tensor gradient norms straddle it here (both branches asserted)
-FCFG = FocusConfig(num_inner_steps=2, inner_lr=1.0, inner_clip=0.3, rank=4, alpha=8.0, fraction=0.5, targets=TARGETS)
+# max_loss_positions 9 (>= the 8 scored tokens of a row, < S): the trainer's
+# path, logits and the last layer at the scored positions only.
+FCFG = FocusConfig(
+    num_inner_steps=2, inner_lr=1.0, inner_clip=0.3, rank=4, alpha=8.0, fraction=0.5, targets=TARGETS, max_loss_positions=9
+)
 START = 2  # int(4 * (1 - 0.5))
 S = 20
 TURNS = ([(0, 6), (1, 4), (0, 4), (1, 4)], [(0, 5), (1, 3), (0, 3), (1, 4)])
