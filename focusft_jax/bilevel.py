@@ -12,9 +12,10 @@
               first_order: phi_K is a constant (stop-gradient)
               full:        d L_out / d theta flows through the unrolled inner loop
 
-This file is the method as JAX autodiff reads it. `first_order` runs by
-default as first_order.py's equal but memory-lean form (the same loss and
-gradient, the inner steps and the outer pass in one loop).
+This file is the method as JAX autodiff reads it. `first_order` (and SFT)
+runs by default as first_order.py's equal but memory-lean form (the same loss
+and gradient, the inner steps and the outer pass in one loop, the last layer
+only at the scored positions).
 
 With per-example scope each example adapts its own phi (leading example axis):
 the inner objective is the sum of per-example losses, so every example's
@@ -58,8 +59,9 @@ class FocusConfig:
     meta_gradient: str = "first_order"
     attention: str = "glm_bidir"
     max_loss_positions: int | None = None
-    # first_order through first_order.py's memory-lean custom VJP (same value
-    # and gradient; reverse mode only). False: JAX autodiff of this file.
+    # first_order (and SFT, num_inner_steps 0) through first_order.py's
+    # memory-lean custom VJP (same value and gradient; reverse mode only).
+    # False: JAX autodiff of this file.
     fused_first_order: bool = True
 
     def __post_init__(self):
@@ -164,10 +166,8 @@ def top_loss(
     Returns (loss [B], has_tokens [B])."""
     start = split_layer(cfg, fcfg)
     top = layer_slice(params["layers"], start, cfg.num_layers)
-    # The last layer only at the scored positions, when they are fewer.
-    idx = ctx.targets.index if ctx.targets.index.shape[1] < ctx.bottom.shape[1] else None
-    h, _ = run_layers(cfg, top, ctx.bottom, ctx.positions, ctx.meta, fast, fcfg.fast_scale, query_index=idx)
-    return per_example_ce(cfg, params, h, ctx.targets, gathered=idx is not None)
+    h, _ = run_layers(cfg, top, ctx.bottom, ctx.positions, ctx.meta, fast, fcfg.fast_scale)
+    return per_example_ce(cfg, params, h, ctx.targets)
 
 
 def _per_example(mask: jax.Array, leaf: jax.Array, scope: str) -> jax.Array:
@@ -265,8 +265,9 @@ def focusft_loss(
     """
     if fcfg.num_inner_steps > 0 and fast0 is None:
         fast0 = draw_fast_weights(rng, batch["input_ids"].shape[0], cfg, fcfg)
-    fused = fcfg.meta_gradient == "first_order" and fcfg.fused_first_order
-    if fcfg.num_inner_steps > 0 and fused and split_layer(cfg, fcfg) < cfg.num_layers:
+    sft = fcfg.num_inner_steps == 0
+    fused = fcfg.fused_first_order and (sft or fcfg.meta_gradient == "first_order")
+    if fused and (sft or split_layer(cfg, fcfg) < cfg.num_layers):
         from focusft_jax.first_order import first_order_loss  # imports this module
 
         return first_order_loss(params, batch, fast0, cfg, fcfg)

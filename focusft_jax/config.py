@@ -87,7 +87,7 @@ class MethodSection:
     scope: Literal["per_example", "shared"] = "per_example"
     meta_gradient: Literal["first_order", "full"] = "first_order"
     attention: Literal["glm_bidir", "causal"] = "glm_bidir"
-    fused_first_order: bool = True  # memory-lean first_order (same gradient); false: plain autodiff
+    fused_first_order: bool = True  # memory-lean first_order and SFT (same gradient); false: plain autodiff
 
 
 @dataclasses.dataclass

@@ -1,8 +1,9 @@
 """The first-order FocuSFT step, computed for memory.
 
 `bilevel.focusft_loss` dispatches here for `meta_gradient = "first_order"`
-(unless `FocusConfig.fused_first_order` is off); the value, the aux and the
-gradient are those of the autodiff form in bilevel.py (tests hold them equal).
+and for SFT (`num_inner_steps = 0`: the outer pass alone), unless
+`FocusConfig.fused_first_order` is off; the value, the aux and the gradient
+are those of the autodiff form in bilevel.py (tests hold them equal).
 
 first_order differentiates only the outer pass, so its whole gradient can be
 computed eagerly inside the loss's forward: a `jax.custom_vjp` whose backward
@@ -23,10 +24,12 @@ layers into bottom and top copied the parameters and their gradients. Here:
 
 Reverse mode through the layers is written out per layer with `jax.vjp`
 (`_stack_forward` saves each layer's VJP residuals, `_stack_backward` replays
-them), so the remat policy `cfg.remat` applies as in `run_layers`. As in
-bilevel.top_loss, the last layer runs only at the scored positions
+them), so the remat policy `cfg.remat` applies as in `run_layers`. The last
+layer runs only at the scored positions when they are fewer than the tokens
 (`_top_forward` / `_top_backward`: the scanned layers start..L-2, then that
-one layer).
+one layer with `decoder_layer(query_index=...)`): exact, since the loss
+reads nothing else. (Under plain autodiff the same split would copy the
+parameters of the scanned slice, so bilevel.py does not do it.)
 `cfg.scan_layers = False` unrolls these loops too (XLA's cost analysis counts
 a loop body once). Being a custom VJP, this form supports reverse mode only
 (jax.grad / vjp, not jvp); `fused_first_order = False` gives the autodiff form.
@@ -192,11 +195,11 @@ def _top_backward(cfg, layers, lo, dy, tapes, inv, fast, grads=None, need_dx=Tru
     dlp, dx, dinv = last_vjp(dy)
     if grads is not None:
         grads = jax.tree.map(lambda buf, v: buf.at[L - 1].set(v.astype(buf.dtype)), grads, dlp)
-    dfast = jax.tree.map(lambda a: a[None], dinv[3])
+    dfast = None if fast is None else jax.tree.map(lambda a: a[None], dinv[3])
     if lo < L - 1:
         body_fast = jax.tree.map(lambda a: a[:-1], fast)
         dx, grads, dbody = _stack_backward(cfg, layers, lo, L - 1, dx, tape, inv, body_fast, grads, need_dx)
-        dfast = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), dbody, dfast)
+        dfast = None if fast is None else jax.tree.map(lambda a, b: jnp.concatenate([a, b]), dbody, dfast)
     return dx, grads, dfast
 
 
@@ -246,6 +249,8 @@ def _passes(cfg, fcfg, layers, head, bottom, fast0, inv, targets, grad):
         dbottom, dlayers, _ = _top_backward(cfg, layers, start, dh, tape, inv, phi, dlayers)
         return total, has, (dlayers, dhead, dbottom)
 
+    if K == 0:  # SFT: the outer pass alone, no fast weights
+        return fast0, outer_pass(fast0), jnp.zeros((0,)), jnp.zeros((0,), jnp.int32)
     state = opt.init(fast0)
     if not cfg.scan_layers:  # unrolled, so that XLA's cost analysis sees every pass
         phi, losses, skipped = fast0, [], []
@@ -317,9 +322,12 @@ def _first_order_bwd(cfg, fcfg, res, cts):
 _first_order_core.defvjp(_first_order_fwd, _first_order_bwd)
 
 
-def first_order_loss(params: Params, batch: dict, fast0: Params, cfg: ModelConfig, fcfg: FocusConfig) -> tuple[jax.Array, dict]:
-    """`focusft_loss` for meta_gradient = first_order with K >= 1 inner steps and
-    fast0 given: the same value, aux and gradient as the autodiff form."""
+def first_order_loss(
+    params: Params, batch: dict, fast0: Params | None, cfg: ModelConfig, fcfg: FocusConfig
+) -> tuple[jax.Array, dict]:
+    """`focusft_loss` for meta_gradient = first_order with fast0 given, or for
+    SFT (num_inner_steps 0, fast0 None): the same value, aux and gradient as
+    the autodiff form."""
     meta, positions = mask_and_positions(batch, fcfg)
     targets = loss_targets(batch, fcfg.max_loss_positions)
     x0 = embed(cfg, params, batch["input_ids"])

@@ -467,7 +467,6 @@ def run_layers(
     fast_scale: float = 1.0,
     cache: KVCache | None = None,
     probe=None,
-    query_index: jax.Array | None = None,
 ):
     """Runs a stack of layers (any contiguous slice of `params["layers"]`) with `lax.scan`.
 
@@ -475,22 +474,8 @@ def run_layers(
     cache length T when `cache` is given). fast: optional fast weights stacked
     like the layers ({proj: {"A": [L, ...], "B": [L, ...]}}), applied with
     `fast_scale` = alpha / rank. probe: see `decoder_layer`.
-    query_index: optional int [B, P]: the stack's output is wanted only at
-    these positions, so its last layer computes only them (`decoder_layer`);
-    x returned is then [B, P, D].
     Returns (x, cache), or (x, cache, per-layer probe outputs) with `probe`.
     """
-    if query_index is not None:
-        if cache is not None or probe is not None:
-            raise ValueError("query_index is for training passes, not with a cache or a probe")
-        n = jax.tree.leaves(layers)[0].shape[0]
-        last = lambda tree: jax.tree.map(lambda a: a[n - 1], tree)
-        x, _ = run_layers(cfg, layer_slice(layers, 0, n - 1), x, positions, meta,
-                          None if fast is None else layer_slice(fast, 0, n - 1), fast_scale)
-        cos, sin = rope_cos_sin(cfg, positions)
-        layer = _remat(cfg, lambda lp, x, fl: decoder_layer(
-            cfg, lp, x, cos, sin, meta, fl, fast_scale, query_index=query_index)[0])
-        return layer(last(layers), x, None if fast is None else last(fast)), None
     cos, sin = rope_cos_sin(cfg, positions)
 
     def body(carry, xs):

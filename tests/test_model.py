@@ -113,40 +113,40 @@ def test_sequence_beyond_sliding_window_is_refused():
 
 
 @pytest.mark.parametrize("attention_impl", ["dense", "blockwise"])
-def test_last_layer_at_query_positions_equals_the_full_stack_gathered(attention_impl):
-    """run_layers(query_index=...) computes the last layer only at the given
+def test_layer_at_query_positions_equals_the_full_layer_gathered(attention_impl):
+    """decoder_layer(query_index=...) computes the layer only at the given
     positions (keys and values from all): the same outputs and gradients as
-    the full stack gathered there, with a glm_bidir mask, left padding, fast
+    the full layer gathered there, with a glm_bidir mask, left padding, fast
     weights, q/k norm, and repeated positions (the loss's padding entries)."""
     cfg = _cfg(family="qwen3", qkv_bias=False, qk_norm=True, attention_impl=attention_impl)
     params = M.init_params(cfg, jax.random.key(0), std=0.2)
-    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+    lp = jax.tree.map(lambda a: a[0], params["layers"])
+    x = jax.random.normal(jax.random.key(1), (2, 12, 32))
     attn = jnp.asarray([[1] * 12, [0] * 3 + [1] * 9])
     loss_mask = jnp.asarray([[0] * 7 + [1] * 3 + [0] * 2, [0] * 8 + [1] * 4])
     meta = attention_meta(attn, loss_mask, kind="glm_bidir")
-    pos = M.positions_from_mask(attn)
-    x = M.embed(cfg, params, tokens)
+    cos, sin = M.rope_cos_sin(cfg, M.positions_from_mask(attn))
     idx = jnp.asarray([[6, 7, 8, 0, 0], [7, 8, 9, 10, 7]], jnp.int32)
     fast = {
         "up_proj": {
-            "A": jax.random.normal(jax.random.key(2), (3, 2, 4, 32)),
-            "B": jax.random.normal(jax.random.key(3), (3, 2, 48, 4)),
+            "A": jax.random.normal(jax.random.key(2), (2, 4, 32)),
+            "B": jax.random.normal(jax.random.key(3), (2, 48, 4)),
         }
     }
     w = jax.random.normal(jax.random.key(4), (2, 5, 32))
 
-    def full(layers, x, fast):
-        h, _ = M.run_layers(cfg, layers, x, pos, meta, fast, 0.5)
+    def full(lp, x, fast):
+        h, _ = M.decoder_layer(cfg, lp, x, cos, sin, meta, fast, 0.5)
         return jnp.take_along_axis(h, idx[..., None], axis=1)
 
-    def gathered(layers, x, fast):
-        return M.run_layers(cfg, layers, x, pos, meta, fast, 0.5, query_index=idx)[0]
+    def gathered(lp, x, fast):
+        return M.decoder_layer(cfg, lp, x, cos, sin, meta, fast, 0.5, query_index=idx)[0]
 
-    a, b = jax.jit(full)(params["layers"], x, fast), jax.jit(gathered)(params["layers"], x, fast)
+    a, b = jax.jit(full)(lp, x, fast), jax.jit(gathered)(lp, x, fast)
     assert a.shape == b.shape == (2, 5, 32)
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
-    ga = jax.jit(jax.grad(lambda *args: jnp.sum(full(*args) * w), argnums=(0, 1, 2)))(params["layers"], x, fast)
-    gb = jax.jit(jax.grad(lambda *args: jnp.sum(gathered(*args) * w), argnums=(0, 1, 2)))(params["layers"], x, fast)
+    ga = jax.jit(jax.grad(lambda *args: jnp.sum(full(*args) * w), argnums=(0, 1, 2)))(lp, x, fast)
+    gb = jax.jit(jax.grad(lambda *args: jnp.sum(gathered(*args) * w), argnums=(0, 1, 2)))(lp, x, fast)
     for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(gb), jax.tree.leaves(ga)):
         scale = float(jnp.max(jnp.abs(v)))
         np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path))
