@@ -52,6 +52,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from focusft_jax.bilevel import FocusConfig, focusft_loss  # noqa: E402
+from focusft_jax.hf import config_from_hf, load_hf  # noqa: E402
 from focusft_jax.model import ModelConfig, init_params  # noqa: E402
 
 VARIANTS = {
@@ -128,24 +129,10 @@ def build_models(args, max_len: int):
     overrides = dict(attention_impl=args.attention_impl, remat=args.remat)
     kw = hf_config_kwargs(args, max_len)
     if not args.torch_lengths:
-        cfg = ModelConfig(
-            family="qwen2",
-            vocab_size=kw["vocab_size"],
-            hidden_size=kw["hidden_size"],
-            intermediate_size=kw["intermediate_size"],
-            num_layers=kw["num_hidden_layers"],
-            num_heads=kw["num_attention_heads"],
-            num_kv_heads=kw["num_key_value_heads"],
-            head_dim=kw["head_dim"],
-            qkv_bias=True,
-            max_position_embeddings=max_len,
-            **overrides,
-        )
+        cfg = config_from_hf({"model_type": "qwen2", **kw}, "bench model", **overrides)
         return None, cfg, init_params(cfg, jax.random.key(0))
     import torch
     import transformers
-
-    from focusft_jax.hf import load_hf
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)

@@ -6,10 +6,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("torch")
-
 STEP = Path(__file__).resolve().parents[1] / "bench" / "step.py"
 
 
