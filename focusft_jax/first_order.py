@@ -65,12 +65,13 @@ def _index(tree, i):
     return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
 
 
-def _layer_fn(cfg: ModelConfig, fast_scale: float):
-    """One decoder layer as f(lp, x, (cos, sin, meta, fast)), checkpointed per `cfg.remat`."""
+def _layer_fn(cfg: ModelConfig, fast_scale: float, query_index=None):
+    """One decoder layer as f(lp, x, (cos, sin, meta, fast)), checkpointed per
+    `cfg.remat`; with `query_index` [B, P] its output only at those positions."""
 
     def layer(lp, x, inv):
         cos, sin, meta, fl = inv
-        return decoder_layer(cfg, lp, x, cos, sin, meta, fl, fast_scale)[0]
+        return decoder_layer(cfg, lp, x, cos, sin, meta, fl, fast_scale, query_index=query_index)[0]
 
     return _remat(cfg, layer)
 
@@ -176,14 +177,11 @@ def _top_forward(cfg, layers, lo, x, inv, fast, fast_scale, query_index, save):
     if lo < L - 1:
         x, tape = _stack_forward(cfg, layers, lo, L - 1, x, inv, body_fast, fast_scale, save)
 
-    def last(lp, x, inv):
-        cos, sin, meta, fl = inv
-        return decoder_layer(cfg, lp, x, cos, sin, meta, fl, fast_scale, query_index=query_index)[0]
-
+    last = _layer_fn(cfg, fast_scale, query_index)
     args = (_index(layers, L - 1), x, (*inv, last_fast))
     if not save:
-        return _remat(cfg, last)(*args), None
-    y, last_vjp = jax.vjp(_remat(cfg, last), *args)
+        return last(*args), None
+    y, last_vjp = jax.vjp(last, *args)
     return y, (tape, last_vjp)
 
 
