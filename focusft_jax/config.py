@@ -16,16 +16,21 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from focusft_jax.attention import ATTENTION_IMPLS, ATTENTION_KINDS
+from focusft_jax.bilevel import META_GRADIENTS
+from focusft_jax.errors import ConfigError
+from focusft_jax.fast_weights import FAST_TARGETS, SCOPES
+from focusft_jax.model import DTYPES, FAMILIES, REMAT_POLICIES
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and what is allowed."""
+# The choices of a setting are the code's own constants (Literal of a tuple is
+# the Literal of its items), so the YAML and the code cannot disagree.
 
 
 @dataclasses.dataclass
 class ArchitectureConfig:
     """A model built from scratch (random init) instead of loaded."""
 
-    family: Literal["llama", "qwen2", "qwen3", "mistral"] = "qwen2"
+    family: Literal[FAMILIES] = "qwen2"
     vocab_size: Optional[int] = None  # None: the tokenizer's size
     hidden_size: int = 128
     intermediate_size: int = 384
@@ -45,10 +50,10 @@ class ModelSection:
     path: Optional[str] = None  # Hugging Face directory or hub id
     init: Optional[ArchitectureConfig] = None  # or: build from scratch
     tokenizer: Optional[str] = None  # default: model.path
-    param_dtype: Literal["float32", "bfloat16"] = "float32"
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    attention_impl: Literal["dense", "blockwise"] = "blockwise"
-    remat: Literal["none", "full", "dots"] = "none"
+    param_dtype: Literal[DTYPES] = "float32"
+    compute_dtype: Literal[DTYPES] = "float32"
+    attention_impl: Literal[tuple(ATTENTION_IMPLS)] = "blockwise"
+    remat: Literal[REMAT_POLICIES] = "none"
 
 
 @dataclasses.dataclass
@@ -84,9 +89,9 @@ class MethodSection:
     alpha: float = 64.0
     fraction: float = 0.35
     targets: list[str] = dataclasses.field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
-    scope: Literal["per_example", "shared"] = "per_example"
-    meta_gradient: Literal["first_order", "full"] = "first_order"
-    attention: Literal["glm_bidir", "causal"] = "glm_bidir"
+    scope: Literal[SCOPES] = "per_example"
+    meta_gradient: Literal[META_GRADIENTS] = "first_order"
+    attention: Literal[ATTENTION_KINDS] = "glm_bidir"
     fused_first_order: bool = True  # memory-lean first_order and SFT (same gradient); false: plain autodiff
 
 
@@ -307,10 +312,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"method.rank: must be >= 1, got {me.rank}")
     if not 0.0 <= me.fraction <= 1.0:
         raise ConfigError(f"method.fraction: must be in [0, 1], got {me.fraction}")
-    allowed = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     for t in me.targets:
-        if t not in allowed:
-            raise ConfigError(f"method.targets: {t!r} is not one of {list(allowed)}")
+        if t not in FAST_TARGETS:
+            raise ConfigError(f"method.targets: {t!r} is not one of {list(FAST_TARGETS)}")
     if me.num_inner_steps > 0 and not me.targets:
         raise ConfigError("method.targets: the inner loop needs at least one target projection")
     if me.inner_clip <= 0:

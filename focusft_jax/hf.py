@@ -24,6 +24,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from focusft_jax.errors import CheckpointError
+
 from focusft_jax.model import ModelConfig, Params, param_shapes
 
 ARCHITECTURES = {
@@ -64,10 +66,6 @@ _TOP_MODULES = {"embed_tokens": "model.embed_tokens", "norm": "model.norm", "lm_
 _HF_LEAF = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 # Buffers some older checkpoints carry; they are recomputed, never loaded.
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that cannot be imported; the message says why."""
 
 
 @dataclass

@@ -18,13 +18,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 from pathlib import Path
 
+from focusft_jax.errors import DataError
+
 REGENERATED_LABEL = "BABILong-format (regenerated)"
 GENERATED_TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
 _LENGTH_RE = re.compile(r"^(\d+)k$")
-
-
-class DataError(ValueError):
-    """Missing or malformed BABILong data; the message names the file."""
 
 
 def length_value(length: str) -> int:

@@ -44,21 +44,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from focusft_jax.errors import DataError
+
 ROLES = ("system", "user", "assistant", "tool")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 _GLOB_CHARS = set("*?[")
 
 
-class DataError(ValueError):
-    """A data problem, with where it is (`where`: file and row) and what was
-    expected. `reason` is a short key used to count skipped rows."""
-
-    def __init__(self, where: str, problem: str, reason: str = "bad_row"):
-        self.where = where
-        self.problem = problem
-        self.reason = reason
-        super().__init__(f"{where}: {problem}")
 
 
 @dataclass(frozen=True)
