@@ -12,10 +12,12 @@
               first_order: phi_K is a constant (stop-gradient)
               full:        d L_out / d theta flows through the unrolled inner loop
 
-This file is the method as JAX autodiff reads it. `first_order` (and SFT)
-runs by default as first_order.py's equal but memory-lean form (the same loss
-and gradient, the inner steps and the outer pass in one loop, the last layer
-only at the scored positions).
+This file is the method as JAX autodiff reads it, and its one home: the inner
+rule (`InnerRule`), the step's mask, positions and loss targets, and the aux
+are built here only. `first_order` (and SFT) runs by default through
+first_order.py, mechanism that this file hands the inner rule to (the same
+loss and gradient, the inner steps and the outer pass in one loop, the last
+layer only at the scored positions); first_order.py imports nothing back.
 
 With per-example scope each example adapts its own phi (leading example axis):
 the inner objective is the sum of per-example losses, so every example's
@@ -39,6 +41,7 @@ from focusft_jax.fast_weights import (
     init_fast_weights,
 )
 from focusft_jax.loss import LossTargets, batch_mean, loss_targets, per_example_ce
+from focusft_jax.first_order import first_order_loss
 from focusft_jax.model import ModelConfig, Params, embed, layer_slice, run_layers
 
 META_GRADIENTS = ("first_order", "full")
@@ -114,6 +117,33 @@ def inner_optimizer(fcfg: FocusConfig) -> optax.GradientTransformation:
     return optax.chain(clip_per_tensor(fcfg.inner_clip), optax.sgd(fcfg.inner_lr))
 
 
+@dataclasses.dataclass(frozen=True)
+class InnerRule:
+    """The inner loop's rule as one static (hashable) value, for code that
+    runs the loop itself (first_order.py): where the fast weights start, how
+    many steps, the objective and the update, all defined in this file."""
+
+    fcfg: FocusConfig
+    start: int
+
+    @property
+    def num_steps(self) -> int:
+        return self.fcfg.num_inner_steps
+
+    @property
+    def fast_scale(self) -> float:
+        return self.fcfg.fast_scale
+
+    def objective(self, loss: jax.Array, has: jax.Array) -> jax.Array:
+        return inner_objective(self.fcfg, loss, has)
+
+    def init(self, phi: Params):
+        return inner_optimizer(self.fcfg).init(phi)
+
+    def update(self, state, phi: Params, grads: Params, loss: jax.Array, has: jax.Array):
+        return inner_update(self.fcfg, inner_optimizer(self.fcfg), state, phi, grads, loss, has)
+
+
 # ---------------------------------------------------------------- pieces
 
 
@@ -147,7 +177,7 @@ def prepare(params: Params, batch: dict, cfg: ModelConfig, fcfg: FocusConfig) ->
     start = split_layer(cfg, fcfg)
     x = embed(cfg, params, batch["input_ids"])
     if start > 0:
-        x, _ = run_layers(cfg, layer_slice(params["layers"], 0, start), x, positions, meta)
+        x = run_layers(cfg, layer_slice(params["layers"], 0, start), x, positions, meta)
     return StepContext(meta, positions, targets, x)
 
 
@@ -166,7 +196,7 @@ def top_loss(
     Returns (loss [B], has_tokens [B])."""
     start = split_layer(cfg, fcfg)
     top = layer_slice(params["layers"], start, cfg.num_layers)
-    h, _ = run_layers(cfg, top, ctx.bottom, ctx.positions, ctx.meta, fast, fcfg.fast_scale)
+    h = run_layers(cfg, top, ctx.bottom, ctx.positions, ctx.meta, fast, fcfg.fast_scale)
     return per_example_ce(cfg, params, h, ctx.targets)
 
 
@@ -266,27 +296,33 @@ def focusft_loss(
     if fcfg.num_inner_steps > 0 and fast0 is None:
         fast0 = draw_fast_weights(rng, batch["input_ids"].shape[0], cfg, fcfg)
     sft = fcfg.num_inner_steps == 0
-    fused = fcfg.fused_first_order and (sft or fcfg.meta_gradient == "first_order")
-    if fused and (sft or split_layer(cfg, fcfg) < cfg.num_layers):
-        from focusft_jax.first_order import first_order_loss  # imports this module
-
-        return first_order_loss(params, batch, fast0, cfg, fcfg)
-    ctx = prepare(params, batch, cfg, fcfg)
-    phi, inner_losses, skipped = None, jnp.zeros((0,)), jnp.zeros((0,), jnp.int32)
-    if fcfg.num_inner_steps > 0:
-        if fcfg.meta_gradient == "first_order":
-            # Constant inputs: no derivative of the inner loop is ever built.
-            frozen = jax.lax.stop_gradient((params, ctx))
-            phi, inner_losses, skipped = inner_adapt(frozen[0], fast0, frozen[1], cfg, fcfg)
-            phi = jax.lax.stop_gradient(phi)
-        else:
-            phi, inner_losses, skipped = inner_adapt(params, fast0, ctx, cfg, fcfg)
-    loss, has = top_loss(params, phi, ctx, cfg, fcfg)
+    start = split_layer(cfg, fcfg)
+    fused = fcfg.fused_first_order and (sft or fcfg.meta_gradient == "first_order") and start < cfg.num_layers
+    if fused:
+        meta, positions = mask_and_positions(batch, fcfg)
+        targets = loss_targets(batch, fcfg.max_loss_positions)
+        x0 = embed(cfg, params, batch["input_ids"])
+        rule = InnerRule(fcfg, start)
+        loss, examples, inner_losses, skipped = first_order_loss(cfg, rule, params, x0, fast0, positions, meta, targets)
+    else:
+        ctx = prepare(params, batch, cfg, fcfg)
+        targets = ctx.targets
+        phi, inner_losses, skipped = None, jnp.zeros((0,)), jnp.zeros((0,), jnp.int32)
+        if fcfg.num_inner_steps > 0:
+            if fcfg.meta_gradient == "first_order":
+                # Constant inputs: no derivative of the inner loop is ever built.
+                frozen = jax.lax.stop_gradient((params, ctx))
+                phi, inner_losses, skipped = inner_adapt(frozen[0], fast0, frozen[1], cfg, fcfg)
+                phi = jax.lax.stop_gradient(phi)
+            else:
+                phi, inner_losses, skipped = inner_adapt(params, fast0, ctx, cfg, fcfg)
+        per_example, has = top_loss(params, phi, ctx, cfg, fcfg)
+        loss, examples = batch_mean(per_example, has), jnp.sum(has)
     aux = {
         "inner_losses": inner_losses,
         "inner_skipped": skipped,
-        "loss_tokens": jnp.sum(ctx.targets.weight),
-        "dropped_tokens": ctx.targets.dropped,
-        "examples": jnp.sum(has),
+        "loss_tokens": jnp.sum(targets.weight),
+        "dropped_tokens": targets.dropped,
+        "examples": examples,
     }
-    return batch_mean(loss, has), aux
+    return loss, aux

@@ -81,7 +81,7 @@ def attention_diagnostics(
         return mass(sink), mass(context)
 
     x = embed(cfg, params, ids)
-    _, _, (sink_mass, engagement) = run_layers(cfg, params["layers"], x, positions, meta, probe=probe)
+    _, (sink_mass, engagement) = run_layers(cfg, params["layers"], x, positions, meta, probe=probe)
     return {
         "sink_mass": sink_mass,
         "context_engagement": engagement,

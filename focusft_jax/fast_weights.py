@@ -18,9 +18,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from focusft_jax.model import ModelConfig, Params
+from focusft_jax.model import PROJECTIONS, ModelConfig, Params, param_shapes
 
-FAST_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FAST_TARGETS = PROJECTIONS  # any projection of a layer may carry fast weights
 SCOPES = ("per_example", "shared")
 
 
@@ -31,21 +31,11 @@ def fast_start_layer(num_layers: int, fraction: float) -> int:
 
 
 def projection_dims(cfg: ModelConfig, name: str) -> tuple[int, int]:
-    """(in, out) of a projection."""
-    D, F = cfg.hidden_size, cfg.intermediate_size
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    dims = {
-        "q_proj": (D, q),
-        "k_proj": (D, kv),
-        "v_proj": (D, kv),
-        "o_proj": (q, D),
-        "gate_proj": (D, F),
-        "up_proj": (D, F),
-        "down_proj": (F, D),
-    }
-    if name not in dims:
+    """(in, out) of a projection, read from the model's parameter layout."""
+    if name not in FAST_TARGETS:
         raise ValueError(f"fast-weight target {name!r} is not one of {FAST_TARGETS}")
-    return dims[name]
+    _, fan_in, fan_out = param_shapes(cfg)["layers"][name]["kernel"]
+    return fan_in, fan_out
 
 
 def init_fast_weights(

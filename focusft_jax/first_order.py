@@ -1,9 +1,11 @@
 """The first-order FocuSFT step, computed for memory.
 
-`bilevel.focusft_loss` dispatches here for `meta_gradient = "first_order"`
-and for SFT (`num_inner_steps = 0`: the outer pass alone), unless
-`FocusConfig.fused_first_order` is off; the value, the aux and the gradient
-are those of the autodiff form in bilevel.py (tests hold them equal).
+Mechanism, not method: `bilevel.focusft_loss` calls it for `meta_gradient =
+"first_order"` and for SFT (`num_inner_steps = 0`: the outer pass alone),
+unless `FocusConfig.fused_first_order` is off, and hands it the inner rule
+(`bilevel.InnerRule`) as a static argument; nothing here imports bilevel.
+The value, the aux and the gradient are those of the autodiff form in
+bilevel.py (tests hold them equal).
 
 first_order differentiates only the outer pass, so its whole gradient can be
 computed eagerly inside the loss's forward: a `jax.custom_vjp` whose backward
@@ -24,7 +26,7 @@ layers into bottom and top copied the parameters and their gradients. Here:
 
 Reverse mode through the layers is written out per layer with `jax.vjp`
 (`_stack_forward` saves each layer's VJP residuals, `_stack_backward` replays
-them), so the remat policy `cfg.remat` applies as in `run_layers`. The last
+them), so the remat policy `cfg.remat` applies as in `model.run_layers`. The last
 layer runs only at the scored positions when they are fewer than the tokens
 (`_top_forward` / `_top_backward`: the scanned layers start..L-2, then that
 one layer with `decoder_layer(query_index=...)`): exact, since the loss
@@ -42,21 +44,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from focusft_jax.bilevel import (
-    FocusConfig,
-    inner_objective,
-    inner_optimizer,
-    inner_update,
-    mask_and_positions,
-    split_layer,
-)
-from focusft_jax.loss import batch_mean, loss_targets, per_example_ce
+from focusft_jax.attention import AttnMeta
+from focusft_jax.loss import LossTargets, batch_mean, per_example_ce
 from focusft_jax.model import (
     ModelConfig,
     Params,
-    _remat,
     decoder_layer,
-    embed,
+    remat_layer,
     rope_cos_sin,
 )
 
@@ -73,7 +67,7 @@ def _layer_fn(cfg: ModelConfig, fast_scale: float, query_index=None):
         cos, sin, meta, fl = inv
         return decoder_layer(cfg, lp, x, cos, sin, meta, fl, fast_scale, query_index=query_index)[0]
 
-    return _remat(cfg, layer)
+    return remat_layer(cfg, layer)
 
 
 class _Tape(NamedTuple):
@@ -207,7 +201,7 @@ def _head_params(cfg: ModelConfig, params: Params) -> Params:
     return {"norm": params["norm"], name: params[name]}
 
 
-def _passes(cfg, fcfg, layers, head, bottom, fast0, inv, targets, grad):
+def _passes(cfg, rule, layers, head, bottom, fast0, inv, targets, grad):
     """The K inner steps and the outer top-layer pass, as the K + 1
     iterations of one loop, on the bottom layers' output `bottom`.
 
@@ -215,23 +209,21 @@ def _passes(cfg, fcfg, layers, head, bottom, fast0, inv, targets, grad):
     skipped [K]); with `grad`, grads = (the [L] layer gradient with rows
     start..L-1 filled, the head's gradient, the cotangent of `bottom`), else
     None."""
-    start, K = split_layer(cfg, fcfg), fcfg.num_inner_steps
-    opt = inner_optimizer(fcfg)
-    scale = fcfg.fast_scale
+    start, K, scale = rule.start, rule.num_steps, rule.fast_scale
     # The last layer only at the scored positions, when they are fewer (as bilevel.top_loss).
     gathered = targets.index.shape[1] < bottom.shape[1]
     query_index = targets.index if gathered else None
 
     def head_loss(hd, h, inner):
         loss, has = per_example_ce(cfg, hd, h, targets, gathered=gathered)
-        return (inner_objective(fcfg, loss, has) if inner else batch_mean(loss, has)), (loss, has)
+        return (rule.objective(loss, has) if inner else batch_mean(loss, has)), (loss, has)
 
     def inner_pass(phi, state):
         h, tape = _top_forward(cfg, layers, start, bottom, inv, phi, scale, query_index, save=True)
         total, vjp, (loss, has) = jax.vjp(lambda h: head_loss(head, h, True), h, has_aux=True)
         (dh,) = vjp(jnp.ones_like(total))
         _, _, grads = _top_backward(cfg, layers, start, dh, tape, inv, phi, need_dx=False)
-        return inner_update(fcfg, opt, state, phi, grads, loss, has)
+        return rule.update(state, phi, grads, loss, has)
 
     def outer_pass(phi):
         if not grad:
@@ -249,7 +241,7 @@ def _passes(cfg, fcfg, layers, head, bottom, fast0, inv, targets, grad):
 
     if K == 0:  # SFT: the outer pass alone, no fast weights
         return fast0, outer_pass(fast0), jnp.zeros((0,)), jnp.zeros((0,), jnp.int32)
-    state = opt.init(fast0)
+    state = rule.init(fast0)
     if not cfg.scan_layers:  # unrolled, so that XLA's cost analysis sees every pass
         phi, losses, skipped = fast0, [], []
         for _ in range(K):
@@ -282,13 +274,13 @@ def _passes(cfg, fcfg, layers, head, bottom, fast0, inv, targets, grad):
     return phi, out, losses[:K], skipped[:K]
 
 
-def _first_order_value(cfg, fcfg, layers, head, x0, fast0, positions, meta, targets, grad):
-    start = split_layer(cfg, fcfg)
+def _first_order_value(cfg, rule, layers, head, x0, fast0, positions, meta, targets, grad):
+    start = rule.start
     inv = (*rope_cos_sin(cfg, positions), meta)
     bottom, tape = x0, None
     if start > 0:
         bottom, tape = _stack_forward(cfg, layers, 0, start, x0, inv, None, 1.0, save=grad)
-    _, (loss, has, grads), losses, skipped = _passes(cfg, fcfg, layers, head, bottom, fast0, inv, targets, grad)
+    _, (loss, has, grads), losses, skipped = _passes(cfg, rule, layers, head, bottom, fast0, inv, targets, grad)
     out = (loss, jnp.sum(has), losses, skipped)
     if not grad:
         return out, None
@@ -299,19 +291,19 @@ def _first_order_value(cfg, fcfg, layers, head, x0, fast0, positions, meta, targ
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _first_order_core(cfg, fcfg, layers, head, x0, fast0, positions, meta, targets):
+def _first_order_core(cfg, rule, layers, head, x0, fast0, positions, meta, targets):
     """(outer loss, examples with loss tokens, inner losses [K], inner skipped
     [K]) of the first-order step, from the embeddings x0. Differentiable wrt
     layers, head and x0 (phi_K is a constant there, as first_order says); the
     VJP computes the gradient eagerly in the forward (see above)."""
-    return _first_order_value(cfg, fcfg, layers, head, x0, fast0, positions, meta, targets, grad=False)[0]
+    return _first_order_value(cfg, rule, layers, head, x0, fast0, positions, meta, targets, grad=False)[0]
 
 
-def _first_order_fwd(cfg, fcfg, layers, head, x0, fast0, positions, meta, targets):
-    return _first_order_value(cfg, fcfg, layers, head, x0, fast0, positions, meta, targets, grad=True)
+def _first_order_fwd(cfg, rule, layers, head, x0, fast0, positions, meta, targets):
+    return _first_order_value(cfg, rule, layers, head, x0, fast0, positions, meta, targets, grad=True)
 
 
-def _first_order_bwd(cfg, fcfg, res, cts):
+def _first_order_bwd(cfg, rule, res, cts):
     ct = cts[0]  # the aux outputs (counts, inner statistics) carry no gradient
     scaled = jax.tree.map(lambda g: (g * ct).astype(g.dtype), res)
     return (*scaled, None, None, None, None)
@@ -321,23 +313,24 @@ _first_order_core.defvjp(_first_order_fwd, _first_order_bwd)
 
 
 def first_order_loss(
-    params: Params, batch: dict, fast0: Params | None, cfg: ModelConfig, fcfg: FocusConfig
-) -> tuple[jax.Array, dict]:
-    """`focusft_loss` for meta_gradient = first_order with fast0 given, or for
-    SFT (num_inner_steps 0, fast0 None): the same value, aux and gradient as
-    the autodiff form."""
-    meta, positions = mask_and_positions(batch, fcfg)
-    targets = loss_targets(batch, fcfg.max_loss_positions)
-    x0 = embed(cfg, params, batch["input_ids"])
+    cfg: ModelConfig,
+    rule,
+    params: Params,
+    x0: jax.Array,
+    fast0: Params | None,
+    positions: jax.Array,
+    meta: AttnMeta,
+    targets: LossTargets,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The first-order step's outer loss from the embeddings x0 [B, S, D],
+    with the same value and gradient (wrt params and x0) as the autodiff form.
+
+    rule: the inner rule (`bilevel.InnerRule`, static): `start` (first layer
+    with fast weights), `num_steps` (K; 0 is SFT, fast0 None), `fast_scale`,
+    `objective(loss, has)`, `init(phi)` and `update(state, phi, grads, loss,
+    has) -> (phi, state, mean inner loss, skipped)`. Handed in rather than
+    imported, so the method's rule has one home (bilevel.py).
+    Returns (loss, examples with loss tokens, inner losses [K], inner skipped [K]).
+    """
     fast0 = jax.lax.stop_gradient(fast0)
-    loss, examples, inner_losses, skipped = _first_order_core(
-        cfg, fcfg, params["layers"], _head_params(cfg, params), x0, fast0, positions, meta, targets
-    )
-    aux = {
-        "inner_losses": inner_losses,
-        "inner_skipped": skipped,
-        "loss_tokens": jnp.sum(targets.weight),
-        "dropped_tokens": targets.dropped,
-        "examples": examples,
-    }
-    return loss, aux
+    return _first_order_core(cfg, rule, params["layers"], _head_params(cfg, params), x0, fast0, positions, meta, targets)

@@ -119,12 +119,6 @@ def sample_logits(
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def _kv_of(side):
-    """The updated (k, v) caches from `decoder_layer`'s second output (a dict
-    with "kv" in the current model, the bare pair in older versions)."""
-    return side["kv"] if isinstance(side, dict) else side
-
-
 def _prefill_meta(attention_mask: jax.Array, prefill_attention: str) -> AttnMeta:
     if prefill_attention == "causal":
         return attention_meta(attention_mask, kind="causal")
@@ -246,7 +240,7 @@ def _generate_jit(
         new = []
         for lp, (k, v) in zip(layers, caches):
             x, side = decoder_layer(lcfg, lp, x, cos, sin, meta, kv=(k, v, index))
-            new.append(_kv_of(side))
+            new.append(side["kv"])
         return final_norm(cfg, params, x[:, -1]), tuple(new)
 
     # ---- prefill: the whole prompt in one forward (cfg.attention_impl), writing cache slots 0..P-1

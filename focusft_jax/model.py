@@ -42,6 +42,7 @@ FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +97,8 @@ class ModelConfig:
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
         for key in ("param_dtype", "compute_dtype"):
-            if getattr(self, key) not in ("float32", "bfloat16"):
-                raise ValueError(f"{key} must be 'float32' or 'bfloat16', got {getattr(self, key)!r}")
+            if getattr(self, key) not in DTYPES:
+                raise ValueError(f"{key} must be one of {DTYPES}, got {getattr(self, key)!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
 
@@ -324,25 +325,6 @@ def linear(x: jax.Array, p: Params, fast: Params | None = None, fast_scale: floa
 # ---------------------------------------------------------------- the decoder
 
 
-@dataclasses.dataclass(frozen=True)
-class KVCache:
-    """Keys and values of every layer: k, v [L, B, T, Hkv, hd]; `index` is the
-    cache slot where the current input's first token is written."""
-
-    k: jax.Array
-    v: jax.Array
-    index: jax.Array
-
-
-jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "index"], meta_fields=[])
-
-
-def init_cache(cfg: ModelConfig, batch: int, length: int, num_layers: int | None = None) -> KVCache:
-    shape = (num_layers or cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
-    z = jnp.zeros(shape, cfg.dtype)
-    return KVCache(k=z, v=z, index=jnp.zeros((), jnp.int32))
-
-
 def _check_window(cfg: ModelConfig, num_keys: int) -> None:
     if cfg.sliding_window is not None and num_keys > cfg.sliding_window:
         raise ValueError(
@@ -450,7 +432,9 @@ def _matmul_bwd(res, dy):
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def _remat(cfg: ModelConfig, fn):
+def remat_layer(cfg: ModelConfig, fn):
+    """`fn` checkpointed per `cfg.remat` ("none": unchanged; "full": only its
+    inputs saved; "dots": matmul outputs without batch dims saved)."""
     if cfg.remat == "none":
         return fn
     policy = None if cfg.remat == "full" else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
@@ -465,32 +449,24 @@ def run_layers(
     meta: AttnMeta,
     fast: Params | None = None,
     fast_scale: float = 1.0,
-    cache: KVCache | None = None,
     probe=None,
 ):
     """Runs a stack of layers (any contiguous slice of `params["layers"]`) with `lax.scan`.
 
-    x: [B, S, D]; positions: [B, S] int; meta: key ranges (over S, or over the
-    cache length T when `cache` is given). fast: optional fast weights stacked
-    like the layers ({proj: {"A": [L, ...], "B": [L, ...]}}), applied with
-    `fast_scale` = alpha / rank. probe: see `decoder_layer`.
-    Returns (x, cache), or (x, cache, per-layer probe outputs) with `probe`.
+    x: [B, S, D]; positions: [B, S] int; meta: key ranges over S. fast:
+    optional fast weights stacked like the layers ({proj: {"A": [L, ...],
+    "B": [L, ...]}}), applied with `fast_scale` = alpha / rank. probe: see
+    `decoder_layer`. Returns x, or (x, per-layer probe outputs) with `probe`.
     """
     cos, sin = rope_cos_sin(cfg, positions)
 
     def body(carry, xs):
-        lp, fl, kv = xs
-        kv_in = None if kv is None else (kv[0], kv[1], cache.index)
-        return decoder_layer(cfg, lp, carry, cos, sin, meta, fl, fast_scale, kv_in, probe)
+        lp, fl = xs
+        x, side = decoder_layer(cfg, lp, carry, cos, sin, meta, fl, fast_scale, probe=probe)
+        return x, side.get("probe")
 
-    body = _remat(cfg, body)
-    kv_xs = None if cache is None else (cache.k, cache.v)
-    x, side = jax.lax.scan(body, x, (layers, fast, kv_xs), unroll=not cfg.scan_layers)
-    if cache is not None:
-        cache = KVCache(k=side["kv"][0], v=side["kv"][1], index=cache.index + x.shape[1])
-    if probe is not None:
-        return x, cache, side["probe"]
-    return x, cache
+    x, probed = jax.lax.scan(remat_layer(cfg, body), x, (layers, fast), unroll=not cfg.scan_layers)
+    return (x, probed) if probe is not None else x
 
 
 def embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
@@ -527,12 +503,12 @@ def forward(
     """
     x = embed(cfg, params, tokens)
     if fast is None:
-        x, _ = run_layers(cfg, params["layers"], x, positions, meta)
+        x = run_layers(cfg, params["layers"], x, positions, meta)
     else:
         n = jax.tree.leaves(fast)[0].shape[0]
         start = cfg.num_layers - n
-        x, _ = run_layers(cfg, layer_slice(params["layers"], 0, start), x, positions, meta)
-        x, _ = run_layers(cfg, layer_slice(params["layers"], start, cfg.num_layers), x, positions, meta, fast, fast_scale)
+        x = run_layers(cfg, layer_slice(params["layers"], 0, start), x, positions, meta)
+        x = run_layers(cfg, layer_slice(params["layers"], start, cfg.num_layers), x, positions, meta, fast, fast_scale)
     return lm_logits(cfg, params, final_norm(cfg, params, x))
 
 
