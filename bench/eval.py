@@ -6,7 +6,7 @@ tokenizer from `build_chat_tokenizer`, random weights written by `save_hf`),
 or uses --checkpoint DIR. For each length it makes RULER samples (default
 niah_single_1, plain prompts) fitted to the length with the model's tokenizer,
 exactly as `python -m eval.ruler` does, and runs them through
-`eval.report.run_generation` with `eval.report.make_generate_fn` (the code
+`eval.runner.run_generation` with `eval.runner.make_generate_fn` (the code
 path of both eval CLIs) for each prefill attention implementation
 (`--attention-impl dense|blockwise`; ModelConfig.attention_impl of the prompt
 forward; decode steps are dense either way).
@@ -55,7 +55,7 @@ def _texts():
     import random
 
     from eval import wordlists
-    from eval.report import load_benchmark
+    from eval.manifest import load_benchmark
     from focusft_jax.data.babi import filler_sentences
 
     rng = random.Random(0)
@@ -97,12 +97,10 @@ def build_model_dir(out: Path, layers: int, hidden: int, vocab: int, heads: int,
 
 def _runner(model_dir, prompts, budgets, batch_size, max_new, add_special, impl):
     """A no-argument function running the prompts through the eval harness."""
-    from eval import report
+    from eval.runner import make_generate_fn, run_generation
 
-    fn = report.make_generate_fn(
-        model_dir, batch_size, "causal", max_new, add_special_tokens=add_special, attention_impl=impl
-    )
-    return lambda: report.run_generation(prompts, fn, batch_size=batch_size, lengths=budgets, progress=False)
+    fn = make_generate_fn(model_dir, batch_size, "causal", max_new, add_special_tokens=add_special, attention_impl=impl)
+    return lambda: run_generation(prompts, fn, batch_size=batch_size, lengths=budgets, progress=False)
 
 
 def _best(fn, repeats: int) -> float:
@@ -121,11 +119,12 @@ def xla_temp_bytes(model_dir, prompts, batch: int, max_new: int, impl: str, add_
     import jax.numpy as jnp
 
     import focusft_jax.generate as gen
-    from eval import report
+    from eval.model_dir import load_model, special_ids
+    from eval.runner import encode_prompts
 
-    model, tok = report.load_model(model_dir)
-    ids = [tok(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts[:batch]]
-    tokens, mask = gen.left_pad(ids, report._pad_id(model, tok, report._eos_ids(model, tok)))
+    model, tok = load_model(model_dir)
+    ids = encode_prompts(tok, prompts[:batch], add_special_tokens=add_special_tokens)
+    tokens, mask = gen.left_pad(ids, special_ids(model, tok)[1])
     cfg = model.cfg.replace(attention_impl=impl)
     lowered = gen._generate_jit.lower(
         cfg, model.params, jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray([2], jnp.int32), jnp.asarray(0, jnp.int32),
@@ -157,8 +156,10 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from eval import report
     from eval import ruler_data as rd
+    from eval.model_dir import load_model
+    from eval.runner import BLOCKWISE_FROM_TOKENS, prefill_attention_impl
+    from focusft_jax.generate import bucket_length
 
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]
     impls = [x.strip() for x in args.impls.split(",") if x.strip()]
@@ -172,7 +173,7 @@ def main(argv=None) -> dict:
             model_dir = build_model_dir(
                 Path(tmp), args.layers, args.hidden, args.vocab, args.heads, args.kv_heads, max(lengths) + 1024
             )
-        model, tok = report.load_model(model_dir)
+        model, tok = load_model(model_dir)
         cfg = model.cfg
         setup_s = time.perf_counter() - t
         fmt = rd.Formatter(tok, args.chat)
@@ -184,12 +185,12 @@ def main(argv=None) -> dict:
             prompts = [r["input"] + r["answer_prefix"] for r in rows]
             prompt_tokens = [r["prompt_tokens"] for r in rows]
             budgets = [r["length"] for r in rows]
-            padded = gen_bucket(max(prompt_tokens))
+            padded = bucket_length(max(prompt_tokens))
             for impl in impls:
                 rec = {
                     "length": length,
                     "impl": impl,
-                    "auto_would_use": report.prefill_attention_impl(padded, "auto"),
+                    "auto_would_use": prefill_attention_impl(padded, "auto"),
                     "batch_size": args.batch_size,
                     "samples": n_samples,
                     "mean_prompt_tokens": round(sum(prompt_tokens) / n_samples, 1),
@@ -243,18 +244,12 @@ def main(argv=None) -> dict:
         "chat_template": args.chat,
         "jax_backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
-        "auto_blockwise_from_tokens": report.BLOCKWISE_FROM_TOKENS,
+        "auto_blockwise_from_tokens": BLOCKWISE_FROM_TOKENS,
         "setup_s": round(setup_s, 2),
         "results": results,
     }
     print(json.dumps(out, indent=1))
     return out
-
-
-def gen_bucket(n: int) -> int:
-    from focusft_jax.generate import bucket_length
-
-    return bucket_length(n)
 
 
 if __name__ == "__main__":

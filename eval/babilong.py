@@ -13,7 +13,7 @@ tokenizer's special tokens. Greedy, 20 new tokens, special tokens skipped,
 answer stripped. Scoring is `compare_answers` (see its docstring), accuracy
 = 100 * correct / samples, and the headline is the mean over qa1..qa5.
 The prompt forward uses blockwise (memory-efficient) attention for long
-prompts (--attention-impl, default auto: see `eval.report.prefill_attention_impl`).
+prompts (--attention-impl, default auto: see `eval.runner.prefill_attention_impl`).
 
 Phase-2 hook: `evaluate(samples, generate_fn, ...)` runs any
 `generate_fn(prompts: list[str]) -> list[str]` (prompts already chat-formatted).
@@ -28,31 +28,15 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from eval import babilong_data as data
-from eval.report import (
-    ATTENTION_IMPLS,
-    CHAT_MODES,
-    PREFILL_ATTENTIONS,
-    EvalError,
-    GenerateFn,
-    attention_impl_record,
-    chat_wrap,
-    count_tokens,
-    load_benchmark,
-    load_tokenizer,
-    make_generate_fn,
-    make_manifest,
-    manifest_markdown,
-    markdown_table,
-    model_max_context,
-    parse_list,
-    run_generation,
-    tokenizer_name,
-    use_chat_template,
-    write_heatmap,
-    write_json,
-    write_jsonl,
-    write_results,
-)
+from eval.cli import add_model_options, add_run_options, parse_list, run_cli
+from eval.errors import EvalError
+from eval.heatmap import write_heatmap
+from eval.jsonio import write_json, write_jsonl
+from eval.manifest import load_benchmark, make_manifest
+from eval.model_dir import model_max_context
+from eval.runner import GenerateFn, attention_impl_record, make_generate_fn, run_generation
+from eval.tables import manifest_markdown, markdown_table, write_results
+from eval.tokenizing import chat_wrap, count_tokens, load_tokenizer, tokenizer_name, use_chat_template
 
 BENCH = load_benchmark("babilong")
 TASKS = tuple(BENCH["prompts"])  # qa1..qa20
@@ -432,7 +416,8 @@ def load_samples(args) -> tuple[dict, dict, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m eval.babilong", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", help="model directory (or hub id) to evaluate")
+    add_model_options(ap)
+    add_run_options(ap)
     ap.add_argument("--tasks", default=None, help="comma-separated, default qa1,...,qa5")
     ap.add_argument("--lengths", default=None, help="comma-separated, default 0k,1k,2k,4k,8k,16k,32k")
     ap.add_argument("--data", default="hub", help="hub | PATH (local snapshot of the dataset) | generate")
@@ -441,24 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--samples", type=int, default=None, help="samples per task and length (default: all; 100 when generating)")
     ap.add_argument("--corpus", default=None, help="directory of plain-text books for --data generate (default: built-in filler)")
     ap.add_argument("--budget-tokenizer", default=None, help="tokenizer (dir or tokenizer.json) for the generated context budget (default GPT-2 if cached, else an approximation)")
-    ap.add_argument("--chat-template", default="auto", choices=CHAT_MODES)
     ap.add_argument("--prompt-parts", default=",".join(PROMPT_PARTS), help="any of instruction,examples,post_prompt ('' for none)")
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--prefill-attention", default="causal", choices=PREFILL_ATTENTIONS)
-    ap.add_argument(
-        "--attention-impl",
-        default="auto",
-        choices=ATTENTION_IMPLS,
-        help="attention implementation of the prompt forward: auto (default) = blockwise (memory-efficient) "
-        "for long prompts, dense for short ones; results are the same up to float rounding",
-    )
     ap.add_argument("--max-context", type=int, default=None, help="model context in tokens (default: config.json max_position_embeddings)")
     ap.add_argument("--seed", type=int, default=0, help="seed of --data generate")
-    ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--prompts-only", action="store_true", help="write OUT/prompts.jsonl, no model")
     ap.add_argument("--score", default=None, metavar="DIR", help="re-score official prediction CSVs in DIR")
     ap.add_argument("--prompt-name", default=None, help="with --score: which prompt name's files to score")
-    ap.add_argument("--no-progress", action="store_true")
     return ap
 
 
@@ -504,94 +477,85 @@ def _score_main(args) -> dict:
     return results
 
 
-def _impl_kw(attention_impl: str) -> dict:
-    """make_generate_fn's attention_impl keyword, given only when not the
-    default (so a replacement hook with the plain signature keeps working)."""
-    return {} if attention_impl == "auto" else {"attention_impl": attention_impl}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        _resolve_lists(args, score_mode=args.score is not None)
-        out = Path(args.out)
-        if args.score:
-            results = _score_main(args)
-            print_table(results)
-            return 0
-        if not args.prompts_only and not args.checkpoint:
-            raise EvalError("give --checkpoint (or --prompts-only, or --score DIR)")
-        cells, source, label = load_samples(args)
-        common = dict(
-            benchmark=label,
-            tasks=args.tasks,
-            lengths=args.lengths,
-            samples={t: {l: len(cells[(t, l)]) for l in args.lengths} for t in args.tasks},
-            data_source=source,
-            prompt_parts=args.parts,
-            seed=args.seed if args.data == "generate" else None,
-            wordlist_version=None,
-            prefill_attention=args.prefill_attention,
-        )
-        if args.prompts_only:
-            rows = []
-            for (t, l), recs in cells.items():
-                for i, r in enumerate(recs):
-                    rows.append(
-                        {
-                            "task": t,
-                            "length": l,
-                            "index": i,
-                            "prompt": format_prompt(t, r["input"], r["question"], args.parts),
-                            "question": r["question"],
-                            "target": r["target"],
-                        }
-                    )
-            write_jsonl(out / "prompts.jsonl", rows)
-            write_json(
-                out / "manifest.json",
-                make_manifest(checkpoint=None, tokenizer=None, chat_template=None, decoding=None, **common),
-            )
-            print(f"wrote {len(rows)} prompts to {out / 'prompts.jsonl'}")
-            return 0
-        tok = load_tokenizer(args.checkpoint)
-        chat = use_chat_template(tok, args.chat_template)
-        max_ctx = args.max_context or model_max_context(args.checkpoint)
-        gen_fn = make_generate_fn(
-            args.checkpoint,
-            args.batch_size,
-            args.prefill_attention,
-            MAX_NEW_TOKENS,
-            add_special_tokens=not chat,
-            **_impl_kw(args.attention_impl),
-        )
-        preds = evaluate(
-            cells,
-            gen_fn,
-            parts=args.parts,
-            wrap=(lambda p: chat_wrap(tok, p)) if chat else None,
-            token_count=lambda s: count_tokens(tok, s, add_special_tokens=not chat),
-            max_context=max_ctx,
-            batch_size=args.batch_size,
-            progress=not args.no_progress,
-        )
-        manifest = make_manifest(
-            checkpoint=str(args.checkpoint),
-            tokenizer=tokenizer_name(tok),
-            chat_template=chat,
-            decoding=DECODING,
-            max_context=max_ctx,
-            prompt_name=prompt_name(args.parts, chat),
-            attention_impl=attention_impl_record(args.attention_impl),
-            **common,
-        )
-        results = build_results(preds, args.tasks, args.lengths, manifest, label)
-        write_report(out, preds, results)
+    return run_cli(lambda: _run(args))
+
+
+def _run(args) -> int:
+    """One of the three modes (--score, --prompts-only, a checkpoint); the exit status."""
+    _resolve_lists(args, score_mode=args.score is not None)
+    out = Path(args.out)
+    if args.score:
+        results = _score_main(args)
         print_table(results)
         return 0
-    except (EvalError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not args.prompts_only and not args.checkpoint:
+        raise EvalError("give --checkpoint (or --prompts-only, or --score DIR)")
+    cells, source, label = load_samples(args)
+    common = dict(
+        benchmark=label,
+        tasks=args.tasks,
+        lengths=args.lengths,
+        samples={t: {l: len(cells[(t, l)]) for l in args.lengths} for t in args.tasks},
+        data_source=source,
+        prompt_parts=args.parts,
+        seed=args.seed if args.data == "generate" else None,
+        wordlist_version=None,
+        prefill_attention=args.prefill_attention,
+    )
+    if args.prompts_only:
+        rows = []
+        for (t, l), recs in cells.items():
+            for i, r in enumerate(recs):
+                rows.append(
+                    {
+                        "task": t,
+                        "length": l,
+                        "index": i,
+                        "prompt": format_prompt(t, r["input"], r["question"], args.parts),
+                        "question": r["question"],
+                        "target": r["target"],
+                    }
+                )
+        write_jsonl(out / "prompts.jsonl", rows)
+        write_json(
+            out / "manifest.json",
+            make_manifest(checkpoint=None, tokenizer=None, chat_template=None, decoding=None, **common),
+        )
+        print(f"wrote {len(rows)} prompts to {out / 'prompts.jsonl'}")
+        return 0
+    tok = load_tokenizer(args.checkpoint)
+    chat = use_chat_template(tok, args.chat_template)
+    max_ctx = args.max_context or model_max_context(args.checkpoint)
+    gen_fn = make_generate_fn(
+        args.checkpoint, args.batch_size, args.prefill_attention, MAX_NEW_TOKENS,
+        add_special_tokens=not chat, attention_impl=args.attention_impl,
+    )
+    preds = evaluate(
+        cells,
+        gen_fn,
+        parts=args.parts,
+        wrap=(lambda p: chat_wrap(tok, p)) if chat else None,
+        token_count=lambda s: count_tokens(tok, s, add_special_tokens=not chat),
+        max_context=max_ctx,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    manifest = make_manifest(
+        checkpoint=str(args.checkpoint),
+        tokenizer=tokenizer_name(tok),
+        chat_template=chat,
+        decoding=DECODING,
+        max_context=max_ctx,
+        prompt_name=prompt_name(args.parts, chat),
+        attention_impl=attention_impl_record(args.attention_impl),
+        **common,
+    )
+    results = build_results(preds, args.tasks, args.lengths, manifest, label)
+    write_report(out, preds, results)
+    print_table(results)
+    return 0
 
 
 if __name__ == "__main__":

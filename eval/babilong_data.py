@@ -22,11 +22,12 @@ data are labelled "BABILong-format (regenerated)", never "BABILong".
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Sequence
+
+from eval.manifest import files_digest
 
 # The offline generator lives in the library (the built-in training data uses it too).
 from focusft_jax.data.babi import (  # noqa: F401
@@ -34,7 +35,6 @@ from focusft_jax.data.babi import (  # noqa: F401
     REGENERATED_LABEL,
     Background,
     BabilongGenerator,
-    DataError,
     TokenCounter,
     babi_story,
     corpus_sentences,
@@ -44,6 +44,7 @@ from focusft_jax.data.babi import (  # noqa: F401
     split_sentences,
     token_budget,
 )
+from focusft_jax.errors import DataError
 
 HUB_DATASETS = ("RMT-team/babilong", "RMT-team/babilong-1k-samples", "RMT-team/babilong-train-5k-samples")
 
@@ -88,13 +89,6 @@ def split_files(root: Path, task: str, length: str) -> list[Path]:
     return found
 
 
-def _file_digest(paths: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def load_local(root: str | Path, task: str, length: str, samples: int | None = None) -> tuple[list[dict], dict]:
     """Records of (task, length) from a local snapshot directory, and a source
     record {kind, path, files, sha256}."""
@@ -121,7 +115,7 @@ def load_local(root: str | Path, task: str, length: str, samples: int | None = N
         "kind": "local files",
         "path": str(root),
         "files": [str(f.relative_to(root)) for f in files],
-        "sha256": _file_digest(files),
+        "sha256": files_digest(files),
     }
     rev = _snapshot_revision(root)
     if rev:

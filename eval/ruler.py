@@ -19,7 +19,7 @@ reported with how many of the 13 tasks it covers.
 131072; smaller ones (e.g. 1024, as the end-to-end test uses) are for smoke
 tests and compare with nothing published. The prompt forward uses blockwise
 (memory-efficient) attention for long prompts (--attention-impl, default auto:
-see `eval.report.prefill_attention_impl`).
+see `eval.runner.prefill_attention_impl`).
 
 Tasks whose data is missing are skipped and listed: essay-haystack tasks
 without --corpus, qa_1 without --squad, qa_2 without --hotpotqa. With
@@ -39,28 +39,14 @@ from typing import Callable, Mapping, Sequence
 
 from eval import ruler_data as rd
 from eval import wordlists
-from eval.report import (
-    ATTENTION_IMPLS,
-    CHAT_MODES,
-    PREFILL_ATTENTIONS,
-    EvalError,
-    GenerateFn,
-    attention_impl_record,
-    load_tokenizer,
-    make_generate_fn,
-    make_manifest,
-    manifest_markdown,
-    model_max_context,
-    markdown_table,
-    parse_list,
-    read_jsonl,
-    run_generation,
-    tokenizer_name,
-    use_chat_template,
-    write_json,
-    write_jsonl,
-    write_results,
-)
+from eval.cli import add_model_options, add_run_options, parse_list, run_cli
+from eval.errors import EvalError
+from eval.jsonio import read_jsonl, write_json, write_jsonl
+from eval.manifest import files_digest, make_manifest
+from eval.model_dir import model_max_context
+from eval.runner import GenerateFn, attention_impl_record, make_generate_fn, run_generation
+from eval.tables import manifest_markdown, markdown_table, write_results
+from eval.tokenizing import load_tokenizer, tokenizer_name, use_chat_template
 
 TASKS = rd.TASKS
 DEFAULT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
@@ -253,7 +239,8 @@ def _json_keys(obj):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m eval.ruler", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", help="model directory (or hub id) to evaluate")
+    add_model_options(ap)
+    add_run_options(ap)
     ap.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, default all 13")
     ap.add_argument(
@@ -266,21 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--corpus", default=None, help="directory of *.txt for the essay haystack")
     ap.add_argument("--squad", default=None, help="SQuAD v2 dev json (qa_1)")
     ap.add_argument("--hotpotqa", default=None, help="HotpotQA dev-distractor json (qa_2)")
-    ap.add_argument("--chat-template", default="auto", choices=CHAT_MODES)
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--prefill-attention", default="causal", choices=PREFILL_ATTENTIONS)
-    ap.add_argument(
-        "--attention-impl",
-        default="auto",
-        choices=ATTENTION_IMPLS,
-        help="attention implementation of the prompt forward: auto (default) = blockwise (memory-efficient) "
-        "for long prompts, dense for short ones; results are the same up to float rounding",
-    )
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--out", required=True)
     ap.add_argument("--generate-only", action="store_true", help="write the samples, no model")
     ap.add_argument("--samples-from", default=None, metavar="DIR", help="reuse DIR/samples/<task>_<length>.jsonl")
-    ap.add_argument("--no-progress", action="store_true")
     return ap
 
 
@@ -295,107 +270,107 @@ def _parse_lengths(text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        tasks = parse_list(args.tasks, TASKS, "task")
-        lengths = _parse_lengths(args.lengths)
-        if args.samples < 1:
-            raise EvalError("--samples must be >= 1")
-        if not args.generate_only and not args.checkpoint:
-            raise EvalError("give --checkpoint (or --generate-only with --tokenizer)")
-        tok_src = args.tokenizer or args.checkpoint
-        if not tok_src:
-            raise EvalError("--generate-only needs --tokenizer DIR (samples are sized with the model's tokenizer)")
-        tok = load_tokenizer(tok_src)
-        chat = use_chat_template(tok, args.chat_template)
-        fmt = rd.Formatter(tok, chat)
-        out = Path(args.out)
+    return run_cli(lambda: _run(args))
 
-        skipped = {}
-        for t in tasks:
-            why = rd.missing_data(t, args.corpus, args.squad, args.hotpotqa)
-            if why:
-                skipped[t] = why
-        run_tasks = [t for t in tasks if t not in skipped]
-        samples: dict = {}
-        for t in run_tasks:
-            for l in lengths:
-                if args.samples_from:
-                    src = Path(args.samples_from) / "samples" / f"{t}_{l}.jsonl"
-                    if not src.exists():
-                        raise EvalError(f"{src}: missing (from --samples-from)")
-                    rows = read_jsonl(src)[: args.samples]
-                    if any(r.get("chat_template", chat) != chat for r in rows):
-                        raise EvalError(
-                            f"{src}: samples were made with chat template {'off' if chat else 'on'}, "
-                            f"this run has it {'on' if chat else 'off'} (see --chat-template)"
-                        )
-                else:
-                    rows = rd.generate_samples(
-                        t, l, args.samples, fmt, seed=args.seed, corpus_dir=args.corpus, squad=args.squad, hotpotqa=args.hotpotqa
+
+def _run(args) -> int:
+    """--generate-only, or a checkpoint's evaluation; the exit status."""
+    tasks = parse_list(args.tasks, TASKS, "task")
+    lengths = _parse_lengths(args.lengths)
+    if args.samples < 1:
+        raise EvalError("--samples must be >= 1")
+    if not args.generate_only and not args.checkpoint:
+        raise EvalError("give --checkpoint (or --generate-only with --tokenizer)")
+    tok_src = args.tokenizer or args.checkpoint
+    if not tok_src:
+        raise EvalError("--generate-only needs --tokenizer DIR (samples are sized with the model's tokenizer)")
+    tok = load_tokenizer(tok_src)
+    chat = use_chat_template(tok, args.chat_template)
+    fmt = rd.Formatter(tok, chat)
+    out = Path(args.out)
+
+    skipped = {}
+    for t in tasks:
+        why = rd.missing_data(t, args.corpus, args.squad, args.hotpotqa)
+        if why:
+            skipped[t] = why
+    run_tasks = [t for t in tasks if t not in skipped]
+    samples: dict = {}
+    for t in run_tasks:
+        for l in lengths:
+            if args.samples_from:
+                src = Path(args.samples_from) / "samples" / f"{t}_{l}.jsonl"
+                if not src.exists():
+                    raise EvalError(f"{src}: missing (from --samples-from)")
+                rows = read_jsonl(src)[: args.samples]
+                if any(r.get("chat_template", chat) != chat for r in rows):
+                    raise EvalError(
+                        f"{src}: samples were made with chat template {'off' if chat else 'on'}, "
+                        f"this run has it {'on' if chat else 'off'} (see --chat-template)"
                     )
-                samples[(t, l)] = rows
-                write_jsonl(out / "samples" / f"{t}_{l}.jsonl", rows)
+            else:
+                rows = rd.generate_samples(
+                    t, l, args.samples, fmt, seed=args.seed, corpus_dir=args.corpus, squad=args.squad, hotpotqa=args.hotpotqa
+                )
+            samples[(t, l)] = rows
+            write_jsonl(out / "samples" / f"{t}_{l}.jsonl", rows)
 
-        essay_used = args.corpus and any(t in rd.ESSAY_TASKS for t in run_tasks)
-        label = "RULER" + (f" (essay haystack: user corpus {args.corpus}, not the official essays)" if essay_used else "")
-        data_source = {
-            "kind": "from --samples-from" if args.samples_from else "generated",
-            "samples_from": args.samples_from,
-            "essay_corpus": (
-                {"path": str(args.corpus), "sha256": rd.corpus_digest(args.corpus)} if args.corpus else None
-            ),
-            "squad": {"path": args.squad, "sha256": rd.file_digest(args.squad)} if args.squad else None,
-            "hotpotqa": {"path": args.hotpotqa, "sha256": rd.file_digest(args.hotpotqa)} if args.hotpotqa else None,
-            "label": label,
-        }
-        manifest = make_manifest(
-            checkpoint=str(args.checkpoint) if args.checkpoint else None,
-            benchmark=label,
-            tasks=run_tasks,
-            lengths=lengths,
-            samples={t: {str(l): len(samples[(t, l)]) for l in lengths} for t in run_tasks},
-            data_source=data_source,
-            tokenizer=tokenizer_name(tok),
-            chat_template=chat,
-            prompt_parts="official task templates + answer_prefix pre-filled",
-            decoding={
-                "strategy": "greedy",
-                "tokens_to_generate": {t: rd.tokens_to_generate(t) for t in run_tasks},
-                "stop_strings": None,
-            },
-            seed=args.seed,
-            wordlist_version=wordlists.version_record(),
-            prefill_attention=args.prefill_attention,
-            attention_impl=attention_impl_record(args.attention_impl) if not args.generate_only else None,
-            skipped=skipped,
-        )
-        if args.generate_only:
-            write_json(out / "manifest.json", _json_keys(manifest))
-            n = sum(len(v) for v in samples.values())
-            print(f"wrote {n} samples for {len(run_tasks)} tasks to {out / 'samples'}")
-            for t, why in skipped.items():
-                print(f"skipped {t}: {why}")
-            return 0
-
-        def get_fn(ttg: int) -> GenerateFn:
-            # attention_impl only when not the default, so a hook with the plain signature keeps working
-            impl = {} if args.attention_impl == "auto" else {"attention_impl": args.attention_impl}
-            return make_generate_fn(
-                args.checkpoint, args.batch_size, args.prefill_attention, ttg, add_special_tokens=not chat, **impl
-            )
-
-        max_ctx = model_max_context(args.checkpoint)
-        preds = evaluate(samples, get_fn, batch_size=args.batch_size, progress=not args.no_progress)
-        results = build_results(preds, run_tasks, lengths, skipped, manifest, label)
-        # lengths past the model's configured context are evaluated as asked, and flagged
-        results["model_max_context"] = max_ctx
-        results["beyond_model_context"] = [l for l in lengths if max_ctx is not None and l > max_ctx]
-        write_report(out, preds, results)
-        print(results_markdown(results).split("\n\n## Settings")[0])
+    essay_used = args.corpus and any(t in rd.ESSAY_TASKS for t in run_tasks)
+    label = "RULER" + (f" (essay haystack: user corpus {args.corpus}, not the official essays)" if essay_used else "")
+    data_source = {
+        "kind": "from --samples-from" if args.samples_from else "generated",
+        "samples_from": args.samples_from,
+        "essay_corpus": (
+            {"path": str(args.corpus), "sha256": rd.corpus_digest(args.corpus)} if args.corpus else None
+        ),
+        "squad": {"path": args.squad, "sha256": files_digest([args.squad])} if args.squad else None,
+        "hotpotqa": {"path": args.hotpotqa, "sha256": files_digest([args.hotpotqa])} if args.hotpotqa else None,
+        "label": label,
+    }
+    manifest = make_manifest(
+        checkpoint=str(args.checkpoint) if args.checkpoint else None,
+        benchmark=label,
+        tasks=run_tasks,
+        lengths=lengths,
+        samples={t: {str(l): len(samples[(t, l)]) for l in lengths} for t in run_tasks},
+        data_source=data_source,
+        tokenizer=tokenizer_name(tok),
+        chat_template=chat,
+        prompt_parts="official task templates + answer_prefix pre-filled",
+        decoding={
+            "strategy": "greedy",
+            "tokens_to_generate": {t: rd.tokens_to_generate(t) for t in run_tasks},
+            "stop_strings": None,
+        },
+        seed=args.seed,
+        wordlist_version=wordlists.version_record(),
+        prefill_attention=args.prefill_attention,
+        attention_impl=attention_impl_record(args.attention_impl) if not args.generate_only else None,
+        skipped=skipped,
+    )
+    if args.generate_only:
+        write_json(out / "manifest.json", _json_keys(manifest))
+        n = sum(len(v) for v in samples.values())
+        print(f"wrote {n} samples for {len(run_tasks)} tasks to {out / 'samples'}")
+        for t, why in skipped.items():
+            print(f"skipped {t}: {why}")
         return 0
-    except EvalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+
+    def get_fn(ttg: int) -> GenerateFn:
+        return make_generate_fn(
+            args.checkpoint, args.batch_size, args.prefill_attention, ttg,
+            add_special_tokens=not chat, attention_impl=args.attention_impl,
+        )
+
+    max_ctx = model_max_context(args.checkpoint)
+    preds = evaluate(samples, get_fn, batch_size=args.batch_size, progress=not args.no_progress)
+    results = build_results(preds, run_tasks, lengths, skipped, manifest, label)
+    # lengths past the model's configured context are evaluated as asked, and flagged
+    results["model_max_context"] = max_ctx
+    results["beyond_model_context"] = [l for l in lengths if max_ctx is not None and l > max_ctx]
+    write_report(out, preds, results)
+    print(results_markdown(results).split("\n\n## Settings")[0])
+    return 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ chat template.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import random
@@ -42,7 +41,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval import wordlists
-from eval.report import EvalError, chat_wrap, count_tokens, load_benchmark
+from eval.errors import EvalError
+from eval.manifest import files_digest, load_benchmark
+from eval.tokenizing import chat_wrap, count_tokens
 
 BENCH = load_benchmark("ruler")
 TASKS = tuple(BENCH["tasks"])
@@ -152,14 +153,8 @@ def essay_words(corpus_dir: str) -> tuple[str, ...]:
 
 
 def corpus_digest(corpus_dir: str) -> str:
-    h = hashlib.sha256()
-    for p in sorted(Path(corpus_dir).expanduser().rglob("*.txt")):
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def file_digest(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    """`files_digest` of the essay corpus's *.txt files, in sorted path order."""
+    return files_digest(sorted(Path(corpus_dir).expanduser().rglob("*.txt")))
 
 
 # ---------------------------------------------------------------- task generators

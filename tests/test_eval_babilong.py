@@ -13,7 +13,10 @@ import pytest
 
 from eval import babilong as bl
 from eval import babilong_data as bd
-from eval import report
+from eval.errors import EvalError
+from eval.heatmap import heatmap_figure
+from eval.manifest import BENCHMARK_DIR, MANIFEST_KEYS
+from eval.runner import length_sorted_batches, run_generation
 
 LABELS = bl.BENCH["task_labels"]
 P = bl.BENCH["prompts"]
@@ -23,7 +26,7 @@ P = bl.BENCH["prompts"]
 
 
 def test_benchmark_strings_are_the_official_file_byte_for_byte():
-    raw = (report.BENCHMARK_DIR / "babilong.json").read_bytes()
+    raw = (BENCHMARK_DIR / "babilong.json").read_bytes()
     # sha256 of shared/benchmarks/babilong.json (booydar/babilong @ 7a6efee)
     assert hashlib.sha256(raw).hexdigest() == "d7dd3764f56e69feca22fc3318fd479bf1fe4b13ee71b403ad6365a6c3fa43a5"
     b = json.loads(raw)
@@ -71,7 +74,7 @@ def test_switched_off_parts_become_empty_strings():
     )
     assert "<example>" not in no_examples
     assert bl.prompt_config("qa3", ("examples",)) == {"instruction": "", "examples": P["qa3"]["examples"], "post_prompt": ""}
-    with pytest.raises(report.EvalError):
+    with pytest.raises(EvalError):
         bl.prompt_config("qa1", ("preamble",))
 
 
@@ -210,14 +213,14 @@ def test_runner_refuses_samples_that_do_not_fit():
 
 
 def test_run_generation_checks_the_generate_fn():
-    with pytest.raises(report.EvalError):
-        report.run_generation(["a", "b"], lambda ps: ["x"], batch_size=2, progress=False)
-    assert report.run_generation(["aa", "b", "ccc"], lambda ps: [p.upper() for p in ps], batch_size=2, progress=False) == [
+    with pytest.raises(EvalError):
+        run_generation(["a", "b"], lambda ps: ["x"], batch_size=2, progress=False)
+    assert run_generation(["aa", "b", "ccc"], lambda ps: [p.upper() for p in ps], batch_size=2, progress=False) == [
         "AA",
         "B",
         "CCC",
     ]
-    assert report.length_sorted_batches([1, 5, 3, 5], 2) == [[1, 3], [2, 0]]
+    assert length_sorted_batches([1, 5, 3, 5], 2) == [[1, 3], [2, 0]]
 
 
 # ---------------------------------------------------------------- results and reports
@@ -251,7 +254,7 @@ def test_results_table_mean_row_and_heatmap(tmp_path):
 
 
 def test_heatmap_scale_labels_and_axes():
-    fig = report.heatmap_figure({"qa1": {"0k": 99.6, "1k": 12.4}, "qa2": {"0k": None, "1k": 50}}, ["qa1", "qa2"], ["0k", "1k"])
+    fig = heatmap_figure({"qa1": {"0k": 99.6, "1k": 12.4}, "qa2": {"0k": None, "1k": 50}}, ["qa1", "qa2"], ["0k", "1k"])
     ax = fig.axes[0]
     assert ax.get_xlabel() == "Context size" and ax.get_ylabel() == "Tasks"
     im = ax.images[0]
@@ -447,7 +450,7 @@ def test_cli_prompts_only_generated(tmp_path):
         assert r["prompt"].startswith(P[r["task"]]["instruction"]) and "<example>" not in r["prompt"]
         assert r["prompt"].endswith("Question: " + r["question"])
     m = json.loads((out / "manifest.json").read_text())
-    assert set(report.MANIFEST_KEYS) <= set(m)
+    assert set(MANIFEST_KEYS) <= set(m)
     assert m["benchmark"] == "BABILong-format (regenerated)" and m["data_source"]["label"] == "BABILong-format (regenerated)"
     assert m["prompt_parts"] == ["instruction", "post_prompt"] and m["prefill_attention"] == "causal"
 
@@ -528,7 +531,9 @@ def test_cli_model_path_with_a_generate_fn(tmp_path, monkeypatch):
     ckpt = _tiny_chat_tokenizer(tmp_path / "ckpt")
     made = {}
 
-    def fake_make_generate_fn(checkpoint, batch_size, prefill_attention, max_new_tokens, *, add_special_tokens=True):
+    def fake_make_generate_fn(
+        checkpoint, batch_size, prefill_attention, max_new_tokens, *, add_special_tokens=True, attention_impl="auto"
+    ):
         made.update(checkpoint=checkpoint, batch_size=batch_size, prefill=prefill_attention, n=max_new_tokens, add=add_special_tokens)
 
         def generate_fn(prompts):

@@ -24,9 +24,14 @@ import numpy as np
 import pytest
 
 from eval import babilong as bl
-from eval import report
 from eval import ruler as rl
 from eval import ruler_data as rd
+from eval import runner
+from eval.errors import EvalError
+from eval.jsonio import read_jsonl
+from eval.manifest import MANIFEST_KEYS, load_benchmark
+from eval.runner import length_sorted_batches, prefill_attention_impl
+from eval.tokenizing import chat_wrap, count_tokens, load_tokenizer, missing_tokenizer, use_chat_template
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RULER_TASKS = ("niah_single_1", "vt", "cwe", "fwe")
@@ -41,7 +46,7 @@ def _training_texts() -> list[str]:
     from focusft_jax.data.babi import babi_story, filler_sentences
 
     rng = random.Random(0)
-    texts = [json.dumps(report.load_benchmark("babilong")), json.dumps(report.load_benchmark("ruler"))]
+    texts = [json.dumps(load_benchmark("babilong")), json.dumps(load_benchmark("ruler"))]
     texts += list(filler_sentences(0, 3000))
     for task in ("qa1", "qa2", "qa3", "qa4", "qa5"):
         for i in range(30):
@@ -88,7 +93,7 @@ def _generate_directly(model_dir, token_ids, max_new_tokens, prefill_attention="
     from focusft_jax.hf import load_hf
 
     model = load_hf(model_dir)
-    tok = report.load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir)
     gen_cfg = json.loads((model_dir / "generation_config.json").read_text())
     new = generate(
         model.cfg.replace(attention_impl=attention_impl),
@@ -103,7 +108,7 @@ def _generate_directly(model_dir, token_ids, max_new_tokens, prefill_attention="
 
 
 def _check_manifest(m, **expect):
-    missing = [k for k in report.MANIFEST_KEYS if k not in m]
+    missing = [k for k in MANIFEST_KEYS if k not in m]
     assert not missing, missing
     for k, v in expect.items():
         assert m[k] == v, (k, m[k], v)
@@ -123,10 +128,10 @@ def test_babilong_end_to_end(model_dir, tmp_path):
     ]  # fmt: skip
     assert bl.main(argv) == 0
     assert {p.name for p in out.iterdir()} == {"predictions.jsonl", "results.json", "results.md", "heatmap.png"}
-    tok = report.load_tokenizer(model_dir)
-    assert report.use_chat_template(tok, "auto")  # build_chat_tokenizer writes one: chat on
+    tok = load_tokenizer(model_dir)
+    assert use_chat_template(tok, "auto")  # build_chat_tokenizer writes one: chat on
 
-    preds = report.read_jsonl(out / "predictions.jsonl")
+    preds = read_jsonl(out / "predictions.jsonl")
     assert [(p["task"], p["length"], p["index"]) for p in preds] == [
         (t, l, i) for t in ("qa1", "qa2") for l in ("0k", "1k") for i in range(2)
     ]
@@ -137,9 +142,9 @@ def test_babilong_end_to_end(model_dir, tmp_path):
         assert p["prompt"] == bl.format_prompt(p["task"], context, p["question"])
         assert p["prompt"].endswith(f"Question: {p['question']}")
         assert p["target"] in bl.task_labels(p["task"])
-        model_input = report.chat_wrap(tok, p["prompt"])
+        model_input = chat_wrap(tok, p["prompt"])
         assert model_input.startswith("<|im_start|>user\n") and model_input.endswith("<|im_start|>assistant\n")
-        assert p["prompt_tokens"] == report.count_tokens(tok, model_input, add_special_tokens=False)
+        assert p["prompt_tokens"] == count_tokens(tok, model_input, add_special_tokens=False)
         assert p["output"] == p["output"].strip()
         assert p["correct"] == bl.score_prediction(p["task"], p["target"], p["output"], p["question"])
     by = {(p["task"], p["length"], p["index"]): p for p in preds}
@@ -149,7 +154,7 @@ def test_babilong_end_to_end(model_dir, tmp_path):
     # (batch size 1: each prompt ran alone, as here)
     for key in [("qa1", "0k", 0), ("qa2", "1k", 1)]:
         p = by[key]
-        ids = tok(report.chat_wrap(tok, p["prompt"]), add_special_tokens=False)["input_ids"]
+        ids = tok(chat_wrap(tok, p["prompt"]), add_special_tokens=False)["input_ids"]
         assert len(ids) == p["prompt_tokens"]
         (want,) = _generate_directly(model_dir, [ids], bl.MAX_NEW_TOKENS)
         assert p["output"] == want.strip() and want.strip(), key
@@ -200,12 +205,12 @@ def test_babilong_plain_prompts_glm_bidir_blockwise(model_dir, tmp_path):
         "--prompt-parts", "instruction,post_prompt", "--batch-size", "2", "--no-progress", "--out", str(out),
     ]  # fmt: skip
     assert bl.main(argv) == 0
-    tok = report.load_tokenizer(model_dir)
-    preds = report.read_jsonl(out / "predictions.jsonl")
+    tok = load_tokenizer(model_dir)
+    preds = read_jsonl(out / "predictions.jsonl")
     assert len(preds) == 2 and all("<example>" not in p["prompt"] for p in preds)
     ids = [tok(p["prompt"])["input_ids"] for p in preds]
     assert [len(x) for x in ids] == [p["prompt_tokens"] for p in preds]
-    order = report.length_sorted_batches([len(x) for x in ids], 2)[0]  # the batch as the runner formed it
+    order = length_sorted_batches([len(x) for x in ids], 2)[0]  # the batch as the runner formed it
     got = _generate_directly(model_dir, [ids[i] for i in order], 20, "glm_bidir", "blockwise")
     for i, want in zip(order, got):
         assert preds[i]["output"] == want.strip() and want.strip()
@@ -228,21 +233,21 @@ def test_ruler_end_to_end(model_dir, tmp_path):
     assert rl.main(argv) == 0
     assert {p.name for p in out.iterdir()} == {"samples", "predictions.jsonl", "results.json", "results.md"}
     assert sorted(p.name for p in (out / "samples").iterdir()) == sorted(f"{t}_{RULER_LENGTH}.jsonl" for t in RULER_TASKS)
-    tok = report.load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir)
 
     samples = {}
     for t in RULER_TASKS:
-        rows = report.read_jsonl(out / "samples" / f"{t}_{RULER_LENGTH}.jsonl")
+        rows = read_jsonl(out / "samples" / f"{t}_{RULER_LENGTH}.jsonl")
         assert [r["index"] for r in rows] == [0, 1]
         for r in rows:
             assert set(r) == {"index", "input", "outputs", "length", "answer_prefix", "prompt_tokens", "units", "chat_template"}
             assert r["chat_template"] is False and r["outputs"] and r["units"] > 0
-            n = report.count_tokens(tok, r["input"] + r["answer_prefix"], add_special_tokens=True)
+            n = count_tokens(tok, r["input"] + r["answer_prefix"], add_special_tokens=True)
             assert r["prompt_tokens"] == n and r["length"] == n + rd.tokens_to_generate(t) <= RULER_LENGTH
         samples[t] = rows
     assert all(r["length"] >= 0.97 * RULER_LENGTH for t in ("niah_single_1", "vt") for r in samples[t])
 
-    preds = report.read_jsonl(out / "predictions.jsonl")
+    preds = read_jsonl(out / "predictions.jsonl")
     assert [(p["task"], p["length"], p["index"]) for p in preds] == [(t, RULER_LENGTH, i) for t in RULER_TASKS for i in range(2)]
     for p in preds:
         assert set(p) == {"task", "length", "index", "prompt", "outputs", "output", "prediction", "score"}
@@ -253,7 +258,7 @@ def test_ruler_end_to_end(model_dir, tmp_path):
 
     # outputs are exactly what our generation produces: vt's two samples ran as one batch of 2
     vt = [p for p in preds if p["task"] == "vt"]
-    order = report.length_sorted_batches([samples["vt"][p["index"]]["length"] for p in vt], 2)[0]
+    order = length_sorted_batches([samples["vt"][p["index"]]["length"] for p in vt], 2)[0]
     ids = [tok(vt[i]["prompt"])["input_ids"] for i in order]
     got = _generate_directly(model_dir, ids, rd.tokens_to_generate("vt"), "glm_bidir")
     for i, want in zip(order, got):
@@ -300,12 +305,12 @@ def test_eval_path_uses_blockwise_prefill_for_long_prompts(model_dir, monkeypatc
     padded prompt tokens on, dense below; explicit settings are obeyed."""
     import focusft_jax.generate as gen
 
-    assert report.prefill_attention_impl(report.BLOCKWISE_FROM_TOKENS - 1) == "dense"
-    assert report.prefill_attention_impl(report.BLOCKWISE_FROM_TOKENS) == "blockwise"
-    assert report.prefill_attention_impl(10**6, "dense") == "dense"
-    assert report.prefill_attention_impl(1, "blockwise") == "blockwise"
-    with pytest.raises(report.EvalError):
-        report.prefill_attention_impl(1, "flash")
+    assert prefill_attention_impl(runner.BLOCKWISE_FROM_TOKENS - 1) == "dense"
+    assert prefill_attention_impl(runner.BLOCKWISE_FROM_TOKENS) == "blockwise"
+    assert prefill_attention_impl(10**6, "dense") == "dense"
+    assert prefill_attention_impl(1, "blockwise") == "blockwise"
+    with pytest.raises(EvalError):
+        prefill_attention_impl(1, "flash")
 
     seen = []
 
@@ -314,12 +319,12 @@ def test_eval_path_uses_blockwise_prefill_for_long_prompts(model_dir, monkeypatc
         return [[] for _ in prompts]
 
     monkeypatch.setattr(gen, "generate", fake_generate)
-    monkeypatch.setattr(report, "BLOCKWISE_FROM_TOKENS", 64)
-    fn = report.make_generate_fn(model_dir, 1, "causal", 4, add_special_tokens=False)
+    monkeypatch.setattr(runner, "BLOCKWISE_FROM_TOKENS", 64)
+    fn = runner.make_generate_fn(model_dir, 1, "causal", 4, add_special_tokens=False)
     assert fn(["Mary went to the kitchen."]) == [""]
     assert fn(["Mary went to the kitchen. " * 40]) == [""]
     assert [s[0] for s in seen] == ["dense", "blockwise"] and seen[1][1] > 64
-    assert report.make_generate_fn(model_dir, 1, "causal", 4, attention_impl="dense")(["x " * 200]) == [""]
+    assert runner.make_generate_fn(model_dir, 1, "causal", 4, attention_impl="dense")(["x " * 200]) == [""]
     assert seen[-1][0] == "dense"
 
 
@@ -346,14 +351,14 @@ def test_missing_tokenizer_is_an_error_naming_the_directory(model_dir, tmp_path,
     for f in model_dir.iterdir():
         if f.name not in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             shutil.copyfile(f, bare / f.name)
-    assert report.missing_tokenizer(model_dir) is None
-    with pytest.raises(report.EvalError) as e:
-        report.load_tokenizer(bare)
+    assert missing_tokenizer(model_dir) is None
+    with pytest.raises(EvalError) as e:
+        load_tokenizer(bare)
     msg = str(e.value)
     assert str(bare) in msg and "no tokenizer" in msg
     assert "tokenizer.json" in msg and "tokenizer_config.json" in msg and "vocab.json" in msg
-    with pytest.raises(eg.GenerateError, match="no tokenizer"):  # eval.generate shares the check
-        eg.load_tokenizer(bare)
+    with pytest.raises(EvalError, match="no tokenizer"):  # eval.generate shares the check
+        eg.load_model(bare)
 
     capsys.readouterr()
     argv = ["--checkpoint", str(bare), "--data", "generate", "--tasks", "qa1", "--lengths", "0k", "--samples", "1"]

@@ -11,10 +11,12 @@ from collections import Counter
 
 import pytest
 
-from eval import report
 from eval import ruler as rl
 from eval import ruler_data as rd
 from eval import wordlists
+from eval.errors import EvalError
+from eval.manifest import BENCHMARK_DIR, MANIFEST_KEYS
+from eval.tokenizing import load_tokenizer
 
 FAM = rd.FAMILIES
 
@@ -74,7 +76,7 @@ def files(tmp_path_factory):
     return {
         "root": root,
         "tok_dir": root / "tok",
-        "tok": report.load_tokenizer(root / "tok"),
+        "tok": load_tokenizer(root / "tok"),
         "corpus": str(root / "corpus"),
         "squad": str(root / "squad.json"),
         "hotpot": str(root / "hotpot.json"),
@@ -96,7 +98,7 @@ def built(files, task, units, length=4096, seed=1, index=0):
 
 
 def test_benchmark_strings_are_the_official_file_byte_for_byte():
-    raw = (report.BENCHMARK_DIR / "ruler.json").read_bytes()
+    raw = (BENCHMARK_DIR / "ruler.json").read_bytes()
     # sha256 of shared/benchmarks/ruler.json (NVIDIA/RULER @ c3f5e3b)
     assert hashlib.sha256(raw).hexdigest() == "baa3d6b33dcae94992a830438e536b883c9a9cd3bf740e323a897e7c25ec576f"
     b = json.loads(raw)
@@ -309,7 +311,7 @@ def test_fit_finds_the_largest_haystack(files):
     assert rd._largest(lambda u: u <= 1000, 1, None, 1, "x") == 1000
     assert rd._largest(lambda u: u <= 1000, 10, None, 10, "x") == 1000
     assert rd._largest(lambda u: True, 10, 95, 10, "x") == 90
-    with pytest.raises(report.EvalError, match="does not fit"):
+    with pytest.raises(EvalError, match="does not fit"):
         rd.generate_samples("cwe", 300, 1, fmt)
 
 
@@ -395,7 +397,7 @@ def test_cli_generate_only_skips_tasks_without_data(files, tmp_path, capsys):
     rows = [json.loads(l) for l in (out / "samples" / "vt_4096.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all({"index", "input", "outputs", "length", "answer_prefix"} <= set(r) for r in rows)
     m = json.loads((out / "manifest.json").read_text())
-    assert set(report.MANIFEST_KEYS) <= set(m) and m["wordlist_version"] == "wonderwords 2.2.0" and m["chat_template"] is False
+    assert set(MANIFEST_KEYS) <= set(m) and m["wordlist_version"] == "wonderwords 2.2.0" and m["chat_template"] is False
     assert set(m["skipped"]) == set(rd.ESSAY_TASKS) | {"qa_1", "qa_2"} and "--corpus" in m["skipped"]["niah_single_2"]
     assert "skipped qa_1" in capsys.readouterr().out
     assert rl.main(["--generate-only", "--out", str(out)]) == 2  # no tokenizer
@@ -409,7 +411,9 @@ def test_cli_model_path_with_a_generate_fn(files, tmp_path, monkeypatch):
     ckpt = files["tok_dir"]
     asked = []
 
-    def fake_make_generate_fn(checkpoint, batch_size, prefill_attention, max_new_tokens, *, add_special_tokens=True):
+    def fake_make_generate_fn(
+        checkpoint, batch_size, prefill_attention, max_new_tokens, *, add_special_tokens=True, attention_impl="auto"
+    ):
         asked.append((str(checkpoint), batch_size, prefill_attention, max_new_tokens, add_special_tokens))
         return lambda prompts: [" " + " ".join(answers[p][: (len(answers[p]) + 1) // 2]) for p in prompts]
 
