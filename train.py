@@ -52,8 +52,9 @@ def train(cfg, log=print) -> dict:
     if main_process:
         dump_config(cfg, out / "config.yaml")
 
-    tokenizer, tokenizer_dir = setup.build_tokenizer(cfg, out, log)
-    dataset = setup.build_dataset(cfg, tokenizer, out, log)
+    builtin = setup.builtin_data(cfg, out)  # generated once, for the tokenizer and the dataset
+    tokenizer, tokenizer_dir = setup.build_tokenizer(cfg, out, log, builtin)
+    dataset = setup.build_dataset(cfg, tokenizer, out, log, builtin)
     model_cfg, params, hf_config = setup.build_model(cfg, tokenizer)
     fcfg = FocusConfig(**{**dataclasses.asdict(cfg.method), "targets": tuple(cfg.method.targets)})
 
@@ -107,18 +108,24 @@ def train(cfg, log=print) -> dict:
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     key = jax.random.key(cfg.train.seed)
-    start_step = int(state.step)
+    # The host keeps the step counter: reading state.step would wait for the
+    # device, and the next batch is collated while the device computes.
+    step = start_step = int(state.step)
     first_loss = last_loss = None
     progress = setup.progress_bar(total_steps, start_step, enabled=cfg.logging.progress and main_process)
     t_last, tokens_since = time.perf_counter(), 0
+    upcoming = next(loader) if step < total_steps else None
     try:
-        while int(state.step) < total_steps:
-            batch = next(loader)
+        while step < total_steps:
+            batch = upcoming
             arrays = {k: v.reshape(accum, -1, v.shape[-1]) for k, v in batch.arrays.items()}
             arrays = shard_batch(arrays, mesh, batch_axis=1)
             step_cfg = dataclasses.replace(fcfg, max_loss_positions=batch.max_loss_positions)
-            step = int(state.step)
             state, metrics = step_fn(state, arrays, jax.random.fold_in(key, step), model_cfg, step_cfg, optimizer)
+            # The position a checkpoint after this step resumes from: the
+            # batch after `batch`, taken before that batch is prefetched.
+            data_state = loader.state_dict()
+            upcoming = next(loader) if step + 1 < total_steps else None
             tokens_since += int(np.sum(batch.arrays["attention_mask"])) * jax.process_count()
             if (step + 1) % cfg.logging.every_steps == 0 or step + 1 == total_steps:
                 now = time.perf_counter()
@@ -141,9 +148,9 @@ def train(cfg, log=print) -> dict:
                 first_loss = last_loss if first_loss is None else first_loss
                 progress.set_postfix(setup.postfix(row), refresh=False)
             progress.update(1)
-            done = int(state.step)
+            step = done = step + 1
             if done % cfg.checkpoint.every_steps == 0 or done == total_steps or stop["signal"]:
-                ckpt.save(done, state, loader.state_dict(), force=True)
+                ckpt.save(done, state, data_state, force=True)
                 if cfg.checkpoint.export_hf_at_save and main_process:
                     ckpt.wait()
                     save_hf(out / "hf", model_cfg, state.params, hf_config, tokenizer_dir)

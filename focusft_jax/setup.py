@@ -16,22 +16,45 @@ from focusft_jax.hf import load_hf
 from focusft_jax.model import ModelConfig, Params, init_params
 
 
-def build_tokenizer(cfg, out: Path, log) -> tuple[Any, Path]:
+def builtin_data(cfg, out: Path) -> Path | None:
+    """Generates the built-in synthetic data (when `data.builtin` is set) once,
+    into OUTPUT_DIR/data/builtin.jsonl, so that the tokenizer is trained on and
+    the dataset reads the same file through the same reader. Returns the file,
+    or None without built-in data."""
+    if cfg.data.builtin is None:
+        return None
+    from focusft_jax.data.synthetic import builtin_records
+
+    path = out / "data" / "builtin.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as f:
+        for rec in builtin_records(cfg.data.builtin):
+            f.write(json.dumps(rec) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def _builtin_texts(path: Path) -> list[str]:
+    with open(path) as f:
+        return [m["content"] for line in f for m in json.loads(line)["messages"]]
+
+
+def build_tokenizer(cfg, out: Path, log, builtin: Path | None = None) -> tuple[Any, Path]:
     """The tokenizer and the directory its files live in (copied into the export).
 
     From model.tokenizer or model.path; for the built-in data without one, a
     byte-level BPE chat tokenizer trained on the generated data and saved in
-    OUTPUT_DIR/tokenizer."""
+    OUTPUT_DIR/tokenizer (from `builtin`, the file of `builtin_data`)."""
     from transformers import AutoTokenizer
 
     source = cfg.model.tokenizer or cfg.model.path
     if source is None:
-        from focusft_jax.data.synthetic import builtin_records
         from focusft_jax.tokenizer import build_chat_tokenizer
 
         tok_dir = out / "tokenizer"
         if not (tok_dir / "tokenizer.json").exists():
-            texts = [m["content"] for r in builtin_records(cfg.data.builtin) for m in r["messages"]]
+            texts = _builtin_texts(builtin or builtin_data(cfg, out))
             vocab = cfg.model.init.vocab_size or 1024
             build_chat_tokenizer(texts, tok_dir, vocab_size=vocab)
             log(f"built a {vocab}-token chat tokenizer in {tok_dir}")
@@ -54,20 +77,12 @@ def build_tokenizer(cfg, out: Path, log) -> tuple[Any, Path]:
     return tokenizer, tok_dir
 
 
-def build_dataset(cfg, tokenizer, out: Path, log) -> ChatDataset:
-    """Tokenizes the training data once (data.train files, or the built-in
-    synthetic data, written to OUTPUT_DIR/data/builtin.jsonl first so that it
-    goes through the same reader)."""
+def build_dataset(cfg, tokenizer, out: Path, log, builtin: Path | None = None) -> ChatDataset:
+    """Tokenizes the training data once: the data.train files and, with
+    `data.builtin`, the file of `builtin_data` (generated here if not given)."""
     sources = list(cfg.data.train)
     if cfg.data.builtin is not None:
-        from focusft_jax.data.synthetic import builtin_records
-
-        path = out / "data" / "builtin.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            for rec in builtin_records(cfg.data.builtin):
-                f.write(json.dumps(rec) + "\n")
-        sources.append(str(path))
+        sources.append(str(builtin or builtin_data(cfg, out)))
     ds = load_chat_dataset(
         sources,
         tokenizer,
