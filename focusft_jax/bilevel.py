@@ -40,8 +40,8 @@ from focusft_jax.fast_weights import (
     fast_start_layer,
     init_fast_weights,
 )
-from focusft_jax.loss import LossTargets, batch_mean, loss_targets, per_example_ce
 from focusft_jax.first_order import first_order_loss
+from focusft_jax.loss import LossTargets, batch_mean, loss_targets, per_example_ce
 from focusft_jax.model import ModelConfig, Params, embed, layer_slice, run_layers
 
 META_GRADIENTS = ("first_order", "full")
