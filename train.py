@@ -26,7 +26,6 @@ import jax
 import numpy as np
 
 from focusft_jax import setup
-from focusft_jax.bilevel import FocusConfig
 from focusft_jax.checkpoint import Checkpointer, abstract_like
 from focusft_jax.config import ConfigError, dump_config, load_config
 from focusft_jax.data import ChatLoader, DataError
@@ -56,7 +55,7 @@ def train(cfg, log=print) -> dict:
     tokenizer, tokenizer_dir = setup.build_tokenizer(cfg, out, log, builtin)
     dataset = setup.build_dataset(cfg, tokenizer, out, log, builtin)
     model_cfg, params, hf_config = setup.build_model(cfg, tokenizer)
-    fcfg = FocusConfig(**{**dataclasses.asdict(cfg.method), "targets": tuple(cfg.method.targets)})
+    fcfg = cfg.method
 
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     log(f"{jax.device_count()} devices ({jax.default_backend()}), {jax.process_count()} process(es); "

@@ -27,13 +27,14 @@ with the glm_bidir mask; `attention = "causal"` on top of that is plain SFT.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from focusft_jax.attention import ATTENTION_KINDS, AttnMeta, attention_meta
+from focusft_jax.errors import ConfigError
 from focusft_jax.fast_weights import (
     FAST_TARGETS,
     SCOPES,
@@ -49,7 +50,15 @@ META_GRADIENTS = ("first_order", "full")
 
 @dataclasses.dataclass(frozen=True)
 class FocusConfig:
-    """Static settings of the method (METHOD.md defaults)."""
+    """Static settings of the method (METHOD.md defaults). Also the YAML
+    `method:` section itself (config.py builds it from the YAML's types;
+    `config_keys` are the keys the YAML may set); an impossible value raises
+    ConfigError naming the field."""
+
+    config_keys = (
+        "num_inner_steps", "inner_lr", "inner_clip", "rank", "alpha", "fraction", "targets", "scope",
+        "meta_gradient", "attention", "fused_first_order",
+    )
 
     num_inner_steps: int = 2
     inner_lr: float = 1.0
@@ -58,9 +67,10 @@ class FocusConfig:
     alpha: float = 64.0
     fraction: float = 0.35
     targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-    scope: str = "per_example"
-    meta_gradient: str = "first_order"
-    attention: str = "glm_bidir"
+    scope: Literal[SCOPES] = "per_example"
+    meta_gradient: Literal[META_GRADIENTS] = "first_order"
+    attention: Literal[ATTENTION_KINDS] = "glm_bidir"
+    # Scored positions per row (the loader's bucketed count); None: all S.
     max_loss_positions: int | None = None
     # first_order (and SFT, num_inner_steps 0) through first_order.py's
     # memory-lean custom VJP (same value and gradient; reverse mode only).
@@ -68,18 +78,21 @@ class FocusConfig:
     fused_first_order: bool = True
 
     def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
         if self.num_inner_steps < 0:
-            raise ValueError(f"num_inner_steps must be >= 0, got {self.num_inner_steps}")
+            raise ConfigError(f"num_inner_steps: must be >= 0, got {self.num_inner_steps}")
         if self.rank < 1:
-            raise ValueError(f"rank must be >= 1, got {self.rank}")
+            raise ConfigError(f"rank: must be >= 1, got {self.rank}")
         if self.inner_clip <= 0:
-            raise ValueError(f"inner_clip must be > 0, got {self.inner_clip}")
+            raise ConfigError(f"inner_clip: must be > 0, got {self.inner_clip}")
         for key, allowed in (("scope", SCOPES), ("meta_gradient", META_GRADIENTS), ("attention", ATTENTION_KINDS)):
             if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {getattr(self, key)!r}")
-        bad = [t for t in self.targets if t not in FAST_TARGETS]
-        if bad or not self.targets:
-            raise ValueError(f"targets must be a non-empty subset of {FAST_TARGETS}, got {self.targets}")
+                raise ConfigError(f"{key}: expected one of {list(allowed)}, got {getattr(self, key)!r}")
+        for t in self.targets:
+            if t not in FAST_TARGETS:
+                raise ConfigError(f"targets: {t!r} is not one of {list(FAST_TARGETS)}")
+        if not self.targets:
+            raise ConfigError("targets: the inner loop needs at least one target projection")
 
     @property
     def fast_scale(self) -> float:

@@ -16,10 +16,9 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from focusft_jax.attention import ATTENTION_IMPLS, ATTENTION_KINDS
-from focusft_jax.bilevel import META_GRADIENTS
+from focusft_jax.attention import ATTENTION_IMPLS
+from focusft_jax.bilevel import FocusConfig
 from focusft_jax.errors import ConfigError
-from focusft_jax.fast_weights import FAST_TARGETS, SCOPES
 from focusft_jax.model import DTYPES, FAMILIES, REMAT_POLICIES
 
 # The choices of a setting are the code's own constants (Literal of a tuple is
@@ -81,21 +80,6 @@ class DataSection:
 
 
 @dataclasses.dataclass
-class MethodSection:
-    num_inner_steps: int = 2
-    inner_lr: float = 1.0
-    inner_clip: float = 1.0
-    rank: int = 32
-    alpha: float = 64.0
-    fraction: float = 0.35
-    targets: list[str] = dataclasses.field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
-    scope: Literal[SCOPES] = "per_example"
-    meta_gradient: Literal[META_GRADIENTS] = "first_order"
-    attention: Literal[ATTENTION_KINDS] = "glm_bidir"
-    fused_first_order: bool = True  # memory-lean first_order and SFT (same gradient); false: plain autodiff
-
-
-@dataclasses.dataclass
 class OptimSection:
     lr: float = 1e-5
     weight_decay: float = 0.01
@@ -146,7 +130,7 @@ class LoggingSection:
 class Config:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     data: DataSection = dataclasses.field(default_factory=DataSection)
-    method: MethodSection = dataclasses.field(default_factory=MethodSection)
+    method: FocusConfig = dataclasses.field(default_factory=FocusConfig)  # the code's own dataclass
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
@@ -163,7 +147,7 @@ def _type_name(tp) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
+    if origin in (list, tuple):
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "null"
@@ -192,11 +176,12 @@ def _coerce(value: Any, tp, key: str):
         if value not in allowed:
             raise ConfigError(f"{key}: expected one of {list(allowed)}, got {value!r}")
         return value
-    if origin is list:
+    if origin in (list, tuple):  # tuple[X, ...]: a YAML list, kept as a tuple (hashable static config)
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        item = typing.get_args(tp)[0]
+        items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is bool:
@@ -224,17 +209,31 @@ def _build(cls, data: Any, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = list(getattr(cls, "config_keys", [f.name for f in dataclasses.fields(cls)]))
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown key {where}{unknown[0]}; allowed keys{' in ' + prefix if prefix else ''}: {names}")
     kw = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    return cls(**kw)
+    try:
+        return cls(**kw)
+    except ConfigError as e:  # the code's own dataclasses name the field; say where it sits
+        raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain YAML-writable data (tuples as lists), keeping only
+    the keys the YAML may set."""
+
+    def plain(x):
+        if dataclasses.is_dataclass(x):
+            keys = getattr(type(x), "config_keys", [f.name for f in dataclasses.fields(x)])
+            return {k: plain(getattr(x, k)) for k in keys}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(cfg)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -305,20 +304,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"data.bucket_size: must divide data.max_length ({d.max_length}), got {d.bucket_size}"
         )
-    me = cfg.method
-    if me.num_inner_steps < 0:
-        raise ConfigError(f"method.num_inner_steps: must be >= 0, got {me.num_inner_steps}")
-    if me.rank < 1:
-        raise ConfigError(f"method.rank: must be >= 1, got {me.rank}")
-    if not 0.0 <= me.fraction <= 1.0:
-        raise ConfigError(f"method.fraction: must be in [0, 1], got {me.fraction}")
-    for t in me.targets:
-        if t not in FAST_TARGETS:
-            raise ConfigError(f"method.targets: {t!r} is not one of {list(FAST_TARGETS)}")
-    if me.num_inner_steps > 0 and not me.targets:
-        raise ConfigError("method.targets: the inner loop needs at least one target projection")
-    if me.inner_clip <= 0:
-        raise ConfigError(f"method.inner_clip: must be > 0, got {me.inner_clip}")
+    # The rest of method.* is checked by FocusConfig itself; the library clamps
+    # the fraction (METHOD.md), a config file must not rely on that.
+    if not 0.0 <= cfg.method.fraction <= 1.0:
+        raise ConfigError(f"method.fraction: must be in [0, 1], got {cfg.method.fraction}")
     o = cfg.optim
     if o.lr <= 0:
         raise ConfigError(f"optim.lr: must be > 0, got {o.lr}")

@@ -26,7 +26,7 @@ def _write(tmp_path, text):
 def test_defaults_and_overrides(tmp_path):
     cfg = load_config(_write(tmp_path, MINIMAL), ["optim.lr=2e-5", "method.targets=[up_proj]", "train.max_steps=7"])
     assert cfg.optim.lr == 2e-5
-    assert cfg.method.targets == ["up_proj"]
+    assert cfg.method.targets == ("up_proj",)
     assert cfg.train.max_steps == 7
     assert cfg.method.num_inner_steps == 2 and cfg.method.fraction == 0.35  # METHOD.md defaults
     assert cfg.method.rank == 32 and cfg.method.alpha == 64.0 and cfg.method.inner_lr == 1.0
