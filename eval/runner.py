@@ -18,12 +18,14 @@ import sys
 from typing import Callable, Sequence
 
 from eval.errors import EvalError, check_choice
+from focusft_jax.attention import ATTENTION_IMPLS as LIBRARY_ATTENTION_IMPLS
+from focusft_jax.generate import PREFILL_ATTENTIONS
 from eval.model_dir import load_model, special_ids
 
 GenerateFn = Callable[[list[str]], list[str]]
 
-PREFILL_ATTENTIONS = ("causal", "glm_bidir")
-ATTENTION_IMPLS = ("auto", "dense", "blockwise")
+# The library's own choices; "auto" picks an implementation by prompt length.
+ATTENTION_IMPLS = ("auto", *LIBRARY_ATTENTION_IMPLS)
 # --attention-impl auto: the prompt forward (prefill) uses blockwise
 # (memory-efficient) attention from this many padded prompt tokens on, dense
 # below. Dense attention builds float32 scores of [heads, P, P + new tokens]
