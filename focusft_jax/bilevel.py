@@ -51,14 +51,9 @@ META_GRADIENTS = ("first_order", "full")
 @dataclasses.dataclass(frozen=True)
 class FocusConfig:
     """Static settings of the method (METHOD.md defaults). Also the YAML
-    `method:` section itself (config.py builds it from the YAML's types;
-    `config_keys` are the keys the YAML may set); an impossible value raises
-    ConfigError naming the field."""
-
-    config_keys = (
-        "num_inner_steps", "inner_lr", "inner_clip", "rank", "alpha", "fraction", "targets", "scope",
-        "meta_gradient", "attention", "fused_first_order",
-    )
+    `method:` section itself (config.py builds it from the field types; a
+    field with metadata {"config": False} is not a YAML key); an impossible
+    value raises ConfigError naming the field."""
 
     num_inner_steps: int = 2
     inner_lr: float = 1.0
@@ -70,8 +65,8 @@ class FocusConfig:
     scope: Literal[SCOPES] = "per_example"
     meta_gradient: Literal[META_GRADIENTS] = "first_order"
     attention: Literal[ATTENTION_KINDS] = "glm_bidir"
-    # Scored positions per row (the loader's bucketed count); None: all S.
-    max_loss_positions: int | None = None
+    # Scored positions per row: the loader's bucketed count of each batch, so not a YAML key. None: all S.
+    max_loss_positions: int | None = dataclasses.field(default=None, metadata={"config": False})
     # first_order (and SFT, num_inner_steps 0) through first_order.py's
     # memory-lean custom VJP (same value and gradient; reverse mode only).
     # False: JAX autodiff of this file.

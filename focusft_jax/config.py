@@ -209,7 +209,7 @@ def _build(cls, data: Any, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = list(getattr(cls, "config_keys", [f.name for f in dataclasses.fields(cls)]))
+    names = config_keys(cls)
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f"{prefix}." if prefix else ""
@@ -221,14 +221,19 @@ def _build(cls, data: Any, prefix: str = ""):
         raise ConfigError(f"{prefix}.{e}" if prefix else str(e)) from None
 
 
+def config_keys(cls) -> list[str]:
+    """The keys a YAML section of dataclass `cls` may set: its fields, less
+    those marked metadata={"config": False} (values the code sets itself)."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("config", True)]
+
+
 def to_dict(cfg) -> dict:
     """The config as plain YAML-writable data (tuples as lists), keeping only
     the keys the YAML may set."""
 
     def plain(x):
         if dataclasses.is_dataclass(x):
-            keys = getattr(type(x), "config_keys", [f.name for f in dataclasses.fields(x)])
-            return {k: plain(getattr(x, k)) for k in keys}
+            return {k: plain(getattr(x, k)) for k in config_keys(type(x))}
         if isinstance(x, (list, tuple)):
             return [plain(v) for v in x]
         return x
