@@ -53,7 +53,7 @@ def train(cfg, log=print) -> dict:
 
     builtin = setup.builtin_data(cfg, out)  # generated once, for the tokenizer and the dataset
     tokenizer, tokenizer_dir = setup.build_tokenizer(cfg, out, log, builtin)
-    dataset = setup.build_dataset(cfg, tokenizer, out, log, builtin)
+    dataset = setup.build_dataset(cfg, tokenizer, log, builtin)
     model_cfg, params, hf_config = setup.build_model(cfg, tokenizer)
     fcfg = cfg.method
 
@@ -147,9 +147,9 @@ def train(cfg, log=print) -> dict:
                 first_loss = last_loss if first_loss is None else first_loss
                 progress.set_postfix(setup.postfix(row), refresh=False)
             progress.update(1)
-            step = done = step + 1
-            if done % cfg.checkpoint.every_steps == 0 or done == total_steps or stop["signal"]:
-                ckpt.save(done, state, data_state, force=True)
+            step += 1
+            if step % cfg.checkpoint.every_steps == 0 or step == total_steps or stop["signal"]:
+                ckpt.save(step, state, data_state, force=True)
                 if cfg.checkpoint.export_hf_at_save and main_process:
                     ckpt.wait()
                     save_hf(out / "hf", model_cfg, state.params, hf_config, tokenizer_dir)

@@ -40,7 +40,7 @@ def _builtin_texts(path: Path) -> list[str]:
         return [m["content"] for line in f for m in json.loads(line)["messages"]]
 
 
-def build_tokenizer(cfg, out: Path, log, builtin: Path | None = None) -> tuple[Any, Path]:
+def build_tokenizer(cfg, out: Path, log, builtin: Path | None) -> tuple[Any, Path]:
     """The tokenizer and the directory its files live in (copied into the export).
 
     From model.tokenizer or model.path; for the built-in data without one, a
@@ -54,7 +54,7 @@ def build_tokenizer(cfg, out: Path, log, builtin: Path | None = None) -> tuple[A
 
         tok_dir = out / "tokenizer"
         if not (tok_dir / "tokenizer.json").exists():
-            texts = _builtin_texts(builtin or builtin_data(cfg, out))
+            texts = _builtin_texts(builtin)
             vocab = cfg.model.init.vocab_size or 1024
             build_chat_tokenizer(texts, tok_dir, vocab_size=vocab)
             log(f"built a {vocab}-token chat tokenizer in {tok_dir}")
@@ -77,12 +77,10 @@ def build_tokenizer(cfg, out: Path, log, builtin: Path | None = None) -> tuple[A
     return tokenizer, tok_dir
 
 
-def build_dataset(cfg, tokenizer, out: Path, log, builtin: Path | None = None) -> ChatDataset:
-    """Tokenizes the training data once: the data.train files and, with
-    `data.builtin`, the file of `builtin_data` (generated here if not given)."""
-    sources = list(cfg.data.train)
-    if cfg.data.builtin is not None:
-        sources.append(str(builtin or builtin_data(cfg, out)))
+def build_dataset(cfg, tokenizer, log, builtin: Path | None) -> ChatDataset:
+    """Tokenizes the training data once: the data.train files and `builtin`
+    (the file of `builtin_data`, None without built-in data)."""
+    sources = list(cfg.data.train) + ([str(builtin)] if builtin is not None else [])
     ds = load_chat_dataset(
         sources,
         tokenizer,
