@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from focusft_jax.attention import AttnMeta, attend
+from focusft_jax.errors import ConfigError
 
 Params = dict[str, Any]
 
@@ -50,6 +51,17 @@ class ModelConfig:
     """Static architecture and numerics of a decoder. Hashable: pass it as a
     static argument to jitted functions.
 
+    Also the YAML `model.init:` section itself (a model built from scratch;
+    config.py builds it from the field types): every architecture field has a
+    default, and a field with metadata {"config": False} is not a key of that
+    section (the numerics are keys of `model:`, applied with `replace`).
+    An impossible value raises ConfigError (a ValueError) naming the field.
+
+    vocab_size: None only in a config template ("the tokenizer's size", filled
+    in before the model is built); param_shapes / init_params refuse None.
+    head_dim: None resolves to hidden_size // num_heads.
+    qkv_bias / qk_norm: None resolves from the family (Qwen2 has q/k/v
+    biases, Qwen3 q/k RMSNorm, the others neither).
     rope_scaling: the Hugging Face rope parameters other than theta and type,
     as sorted (key, value) pairs (a dict would not be hashable).
     param_dtype / compute_dtype: "float32" or "bfloat16". Norms, RoPE, softmax
@@ -62,45 +74,59 @@ class ModelConfig:
     body once, so FLOP counts need the unrolled program.
     """
 
-    family: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+    family: Literal[FAMILIES] = "qwen2"
+    vocab_size: int | None = None
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int | None = None
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_type: str = "default"
-    rope_scaling: tuple = ()
+    # Not YAML keys: a RoPE variant needs rope_scaling's parameters (set from an imported config.json).
+    rope_type: Literal[ROPE_TYPES] = dataclasses.field(default="default", metadata={"config": False})
+    rope_scaling: tuple = dataclasses.field(default=(), metadata={"config": False})
     max_position_embeddings: int = 32768
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False
+    qkv_bias: bool | None = None
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: bool | None = None
     sliding_window: int | None = None
-    param_dtype: str = "float32"
-    compute_dtype: str = "float32"
-    attention_impl: str = "dense"
-    remat: str = "none"
-    scan_layers: bool = True
+    # Numerics: keys of the YAML `model:` section, not of `model.init:`.
+    param_dtype: Literal[DTYPES] = dataclasses.field(default="float32", metadata={"config": False})
+    compute_dtype: Literal[DTYPES] = dataclasses.field(default="float32", metadata={"config": False})
+    attention_impl: str = dataclasses.field(default="dense", metadata={"config": False})
+    remat: Literal[REMAT_POLICIES] = dataclasses.field(default="none", metadata={"config": False})
+    scan_layers: bool = dataclasses.field(default=True, metadata={"config": False})
 
     def __post_init__(self):
         if self.family not in FAMILIES:
-            raise ValueError(f"model family {self.family!r} is not supported; supported: {FAMILIES}")
+            raise ConfigError(f"family: model family {self.family!r} is not supported; supported: {list(FAMILIES)}")
         if self.rope_type not in ROPE_TYPES:
-            raise ValueError(f"rope type {self.rope_type!r} is not supported; supported: {ROPE_TYPES}")
+            raise ConfigError(f"rope_type: rope type {self.rope_type!r} is not supported; supported: {list(ROPE_TYPES)}")
+        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim")
+        for key in sizes:
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {value}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            raise ConfigError(
+                f"num_kv_heads: num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
         for key in ("param_dtype", "compute_dtype"):
             if getattr(self, key) not in DTYPES:
-                raise ValueError(f"{key} must be one of {DTYPES}, got {getattr(self, key)!r}")
+                raise ConfigError(f"{key}: must be one of {list(DTYPES)}, got {getattr(self, key)!r}")
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+            raise ConfigError(f"remat: must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
+        # Resolve the defaults that depend on other fields (frozen: object.__setattr__).
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.qkv_bias is None:
+            object.__setattr__(self, "qkv_bias", self.family == "qwen2")
+        if self.qk_norm is None:
+            object.__setattr__(self, "qk_norm", self.family == "qwen3")
 
     @property
     def rope_params(self) -> dict:
@@ -119,6 +145,8 @@ class ModelConfig:
 
 def param_shapes(cfg: ModelConfig) -> Params:
     """The params pytree of `cfg` as shapes (tuples), the single source of the layout."""
+    if cfg.vocab_size is None:
+        raise ValueError("ModelConfig.vocab_size is None (a config template's 'the tokenizer's size'); set it first")
     L, D, F, hd = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
     layers: Params = {

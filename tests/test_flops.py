@@ -33,7 +33,7 @@ from focusft_jax.model import ModelConfig, forward, param_shapes
 # The brief's tiny model: exact structure checks (HLO matmul FLOPs only).
 TINY = ModelConfig(
     family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-    num_heads=4, num_kv_heads=2, head_dim=8, attention_impl="dense", scan_layers=False,
+    num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=False, attention_impl="dense", scan_layers=False,
 )
 # Matmul-dominated (head_dim 64, FFN 4x): cost_analysis within ~1% of the matmul count.
 WIDE = ModelConfig(
