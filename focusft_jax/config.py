@@ -19,40 +19,29 @@ import yaml
 from focusft_jax.attention import ATTENTION_IMPLS
 from focusft_jax.bilevel import FocusConfig
 from focusft_jax.errors import ConfigError
-from focusft_jax.model import DTYPES, FAMILIES, REMAT_POLICIES
+from focusft_jax.model import DTYPES, REMAT_POLICIES, ModelConfig
 
 # The choices of a setting are the code's own constants (Literal of a tuple is
 # the Literal of its items), so the YAML and the code cannot disagree.
 
 
 @dataclasses.dataclass
-class ArchitectureConfig:
-    """A model built from scratch (random init) instead of loaded."""
-
-    family: Literal[FAMILIES] = "qwen2"
-    vocab_size: Optional[int] = None  # None: the tokenizer's size
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: Optional[int] = None
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = True
-    max_position_embeddings: int = 32768
-    init_std: float = 0.02
-
-
-@dataclasses.dataclass
 class ModelSection:
     path: Optional[str] = None  # Hugging Face directory or hub id
-    init: Optional[ArchitectureConfig] = None  # or: build from scratch
+    init: Optional[ModelConfig] = None  # or: build from scratch (the code's own dataclass)
     tokenizer: Optional[str] = None  # default: model.path
+    # The numerics, applied to the model of either source (ModelConfig fields):
     param_dtype: Literal[DTYPES] = "float32"
     compute_dtype: Literal[DTYPES] = "float32"
     attention_impl: Literal[tuple(ATTENTION_IMPLS)] = "blockwise"
     remat: Literal[REMAT_POLICIES] = "none"
+    init_std: float = 0.02  # std of the random init of model.init
+
+    def numerics(self) -> dict:
+        """This section's keys that are ModelConfig fields, as keyword
+        arguments of ModelConfig.replace (and of hf.load_hf)."""
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        return {k: getattr(self, k) for k in config_keys(ModelSection) if k in fields}
 
 
 @dataclasses.dataclass
@@ -152,11 +141,11 @@ def _type_name(tp) -> str:
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
-        return f"a mapping with keys {[f.name for f in dataclasses.fields(tp)]}"
+        return f"a mapping with keys {config_keys(tp)}"
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp, key: str):
+def _coerce(value: Any, tp, key: str, outer: list[str] = ()):
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -167,7 +156,7 @@ def _coerce(value: Any, tp, key: str):
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, key)
+                return _coerce(value, a, key, outer)
             except ConfigError as e:
                 errors.append(e)
         raise errors[0] if len(errors) == 1 else ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
@@ -183,7 +172,7 @@ def _coerce(value: Any, tp, key: str):
         items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key)
+        return _build(tp, value, key, outer)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
@@ -203,7 +192,9 @@ def _coerce(value: Any, tp, key: str):
     raise AssertionError(tp)
 
 
-def _build(cls, data: Any, prefix: str = ""):
+def _build(cls, data: Any, prefix: str = "", outer: list[str] = ()):
+    """An instance of dataclass `cls` from the YAML mapping `data` at `prefix`;
+    `outer`: the keys of the enclosing section, named when one is given here."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -213,8 +204,13 @@ def _build(cls, data: Any, prefix: str = ""):
     unknown = [k for k in data if k not in names]
     if unknown:
         where = f"{prefix}." if prefix else ""
+        if unknown[0] in outer:  # e.g. model.init.param_dtype: a key of model
+            parent = prefix.rpartition(".")[0]
+            raise ConfigError(
+                f"{prefix}.{unknown[0]} is not a key of {prefix}; set {parent + '.' if parent else ''}{unknown[0]}"
+            )
         raise ConfigError(f"unknown key {where}{unknown[0]}; allowed keys{' in ' + prefix if prefix else ''}: {names}")
-    kw = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    kw = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k, names) for k, v in data.items()}
     try:
         return cls(**kw)
     except ConfigError as e:  # the code's own dataclasses name the field; say where it sits

@@ -96,37 +96,17 @@ def build_dataset(cfg, tokenizer, log, builtin: Path | None) -> ChatDataset:
 
 
 def build_model(cfg, tokenizer) -> tuple[ModelConfig, Params, dict]:
-    """(model config, params, HF config dict) from model.path or model.init."""
+    """(model config, params, HF config dict) from model.path or model.init,
+    with the model section's numerics (dtypes, attention, remat) applied."""
     m = cfg.model
-    overrides = dict(
-        param_dtype=m.param_dtype, compute_dtype=m.compute_dtype, attention_impl=m.attention_impl, remat=m.remat
-    )
     if m.path is not None:
-        loaded = load_hf(m.path, **overrides)
+        loaded = load_hf(m.path, **m.numerics())  # casts the tensors to param_dtype as it reads them
         return loaded.cfg, loaded.params, loaded.hf_config
-    a = m.init
-    vocab = a.vocab_size or len(tokenizer)
+    vocab = m.init.vocab_size or len(tokenizer)
     if vocab < len(tokenizer):
         raise ConfigError(f"model.init.vocab_size ({vocab}) is smaller than the tokenizer ({len(tokenizer)} tokens)")
-    head_dim = a.head_dim or a.hidden_size // a.num_heads
-    model_cfg = ModelConfig(
-        family=a.family,
-        vocab_size=vocab,
-        hidden_size=a.hidden_size,
-        intermediate_size=a.intermediate_size,
-        num_layers=a.num_layers,
-        num_heads=a.num_heads,
-        num_kv_heads=a.num_kv_heads,
-        head_dim=head_dim,
-        rms_norm_eps=a.rms_norm_eps,
-        rope_theta=a.rope_theta,
-        max_position_embeddings=a.max_position_embeddings,
-        tie_word_embeddings=a.tie_word_embeddings,
-        qkv_bias=a.family == "qwen2",
-        qk_norm=a.family == "qwen3",
-        **overrides,
-    )
-    params = init_params(model_cfg, jax.random.key(cfg.train.seed), std=a.init_std)
+    model_cfg = m.init.replace(vocab_size=vocab, **m.numerics())
+    params = init_params(model_cfg, jax.random.key(cfg.train.seed), std=m.init_std)
     ids = {
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from focusft_jax.config import ConfigError, load_config
+from focusft_jax.config import ConfigError, dump_config, load_config
+from focusft_jax.model import ModelConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -48,6 +49,15 @@ def test_defaults_and_overrides(tmp_path):
         ("train.micro_batch_size=3", r"train\.batch_size \(8\) must be a positive multiple of train\.micro_batch_size"),
         ("data.bucket_size=300", r"data\.bucket_size: must divide data\.max_length"),
         ("model.init={hidden_size: 8}", "set exactly one of model.path"),
+        ("model.init.family=gpt2", r"model\.init\.family: expected one of \['llama', 'qwen2'"),
+        ("model.init.num_layers=0", r"model\.init\.num_layers: must be >= 1, got 0"),
+        ("model.init.num_kv_heads=3", r"model\.init\.num_kv_heads: num_heads \(4\) must be a multiple"),
+        ("model.init.hidden_size=big", r"model\.init\.hidden_size: expected an integer"),
+        ("model.init.init_std=0.1", r"model\.init\.init_std is not a key of model\.init; set model\.init_std"),
+        ("model.init.param_dtype=bfloat16", r"model\.init\.param_dtype is not a key of model\.init; set model\.param_dtype"),
+        ("model.init.remat=full", r"model\.init\.remat is not a key of model\.init; set model\.remat"),
+        ("model.init.scan_layers=false", r"unknown key model\.init\.scan_layers; allowed keys in model\.init"),
+        ("model.init.rope_scaling=[]", r"unknown key model\.init\.rope_scaling"),
         ("optim", "expected KEY=VALUE"),
     ],
 )
@@ -75,3 +85,53 @@ def test_shipped_configs_load():
     assert paper.optim.lr == 1e-5 and paper.train.batch_size == 32 and paper.data.max_length == 4096
     sft = load_config(CONFIGS / "sft_qwen25_7b.yaml")
     assert sft.method.num_inner_steps == 0 and sft.method.attention == "causal"
+
+
+FROM_SCRATCH = """
+model:
+  init: {family: qwen3, hidden_size: 64, num_heads: 4, num_kv_heads: 2}
+  tokenizer: some/tokenizer
+  param_dtype: bfloat16
+  init_std: 0.05
+data:
+  train: [data.jsonl]
+"""
+
+
+def test_model_init_is_the_model_config(tmp_path):
+    cfg = load_config(_write(tmp_path, FROM_SCRATCH), ["model.init.sliding_window=16"])
+    init = cfg.model.init
+    assert isinstance(init, ModelConfig)
+    assert init.head_dim == 16  # hidden_size // num_heads
+    assert init.qk_norm is True and init.qkv_bias is False  # from the family
+    assert init.vocab_size is None and init.tie_word_embeddings is False and init.num_layers == 4
+    assert init.sliding_window == 16
+    # the numerics and the init scale are keys of the model section, not of model.init
+    assert init.param_dtype == "float32" and cfg.model.param_dtype == "bfloat16"
+    assert cfg.model.init_std == 0.05
+    assert init.replace(**cfg.model.numerics()).param_dtype == "bfloat16"
+    assert set(cfg.model.numerics()) == {"param_dtype", "compute_dtype", "attention_impl", "remat"}
+
+
+@pytest.mark.parametrize(
+    "family, qkv_bias, qk_norm", [("qwen2", True, False), ("qwen3", False, True), ("llama", False, False)]
+)
+def test_family_defaults_and_explicit_values(family, qkv_bias, qk_norm):
+    cfg = ModelConfig(family=family)
+    assert (cfg.qkv_bias, cfg.qk_norm, cfg.head_dim) == (qkv_bias, qk_norm, 32)
+    explicit = ModelConfig(family=family, qkv_bias=not qkv_bias, qk_norm=not qk_norm, head_dim=8)
+    assert (explicit.qkv_bias, explicit.qk_norm, explicit.head_dim) == (not qkv_bias, not qk_norm, 8)
+
+
+def test_template_vocab_is_refused_by_the_model():
+    from focusft_jax.model import param_shapes
+
+    with pytest.raises(ValueError, match="vocab_size is None"):
+        param_shapes(ModelConfig())
+
+
+def test_saved_config_round_trips(tmp_path):
+    for source in (_write(tmp_path, FROM_SCRATCH), CONFIGS / "tiny.yaml", CONFIGS / "focusft_qwen25_7b.yaml"):
+        cfg = load_config(source)
+        dump_config(cfg, tmp_path / "saved.yaml")
+        assert load_config(tmp_path / "saved.yaml") == cfg

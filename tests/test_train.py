@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = """
 model:
   init: {family: qwen2, vocab_size: 320, hidden_size: 32, intermediate_size: 64,
-         num_layers: 3, num_heads: 4, num_kv_heads: 2}
+         num_layers: 3, num_heads: 4, num_kv_heads: 2, tie_word_embeddings: true}
 data:
   builtin: {num_examples: 96, context_tokens: [0], seed: 0}
   max_length: 256
