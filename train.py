@@ -15,7 +15,6 @@ trains, and leaves:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import signal
 import sys
@@ -117,10 +116,12 @@ def train(cfg, log=print) -> dict:
     try:
         while step < total_steps:
             batch = upcoming
+            # Every array, the [B, S] ones and the loss keys [B, P], is split
+            # into `accum` micro-batches along its rows, then sharded over them;
+            # P is a shape, so step_fn retraces per (S, P) by itself.
             arrays = {k: v.reshape(accum, -1, v.shape[-1]) for k, v in batch.arrays.items()}
             arrays = shard_batch(arrays, mesh, batch_axis=1)
-            step_cfg = dataclasses.replace(fcfg, max_loss_positions=batch.max_loss_positions)
-            state, metrics = step_fn(state, arrays, jax.random.fold_in(key, step), model_cfg, step_cfg, optimizer)
+            state, metrics = step_fn(state, arrays, jax.random.fold_in(key, step), model_cfg, fcfg, optimizer)
             # The position a checkpoint after this step resumes from: the
             # batch after `batch`, taken before that batch is prefetched.
             data_state = loader.state_dict()

@@ -8,12 +8,18 @@ weights. In every batch (`--batch` rows, 1 by default) the last tenth of the
 tokens is the response (the loss tokens) and the rest one context turn.
 
 cost: for SFT (causal), SFT (glm_bidir), FocuSFT first_order and FocuSFT
-    full, at `--seq` and twice that: XLA FLOPs (cost analysis of the program
-    with the layers unrolled, because XLA counts a loop body once; note that
-    the blockwise attention's own loops are still counted once, so these
-    FLOPs leave out most of the attention), XLA temporary bytes (memory
-    analysis of the program that training runs, layers scanned) and median
-    wall seconds of the jitted `value_and_grad(focusft_loss)` step.
+    full, at `--seq` and twice that: FLOPs counted analytically
+    (`focusft_jax.flops`: `step_flops` of the step, `forward_flops` of one
+    forward with the variant's mask as the fused step runs it, the last layer
+    and the LM head at the scored positions only, on the exact workload of
+    the batch:
+    its attention ranges and its scored positions; XLA's cost analysis counts
+    a loop body once, so it cannot count scanned layers or the blockwise
+    attention's loops), XLA temporary bytes (memory analysis of the program
+    that training runs, layers scanned) and median wall seconds of the jitted
+    `value_and_grad(focusft_loss)` step. The batch carries its P scored
+    positions (`loss.scored_positions`, P = the response length) as training's
+    loader batches do.
 vs_torch: at each of `--torch-lengths` (1K, 4K and 8K tokens by default),
     median wall seconds of one PyTorch forward + `loss.backward()` (default
     SDPA attention with its causal mask; cross-entropy on the response
@@ -51,8 +57,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from focusft_jax.attention import attention_meta  # noqa: E402
 from focusft_jax.bilevel import FocusConfig, focusft_loss  # noqa: E402
+from focusft_jax.flops import forward_flops, step_flops, workload_from_meta  # noqa: E402
 from focusft_jax.hf import config_from_hf, load_hf  # noqa: E402
+from focusft_jax.loss import scored_positions  # noqa: E402
 from focusft_jax.model import ModelConfig, init_params  # noqa: E402
 
 VARIANTS = {
@@ -66,14 +75,28 @@ TORCH_VARIANTS = ("sft_causal", "sft_glm_bidir", "focusft_first_order")
 
 
 def make_batch(batch: int, seq: int, vocab: int) -> dict:
-    ids = jax.random.randint(jax.random.key(0), (batch, seq), 0, vocab)
+    """The last tenth of every row is the response; with the batch's scored
+    positions as the loader emits them (P = the response length: the logits,
+    and in the fused form the last layer, at those positions only)."""
+    ids = np.asarray(jax.random.randint(jax.random.key(0), (batch, seq), 0, vocab), np.int32)
     resp = max(1, seq // 10)
-    loss_mask = jnp.zeros((batch, seq), jnp.int32).at[:, seq - resp :].set(1)
-    return {"input_ids": ids, "attention_mask": jnp.ones((batch, seq), jnp.int32), "loss_mask": loss_mask}
+    loss_mask = np.zeros((batch, seq), np.int32)
+    loss_mask[:, seq - resp :] = 1
+    arrays = {"input_ids": ids, "attention_mask": np.ones((batch, seq), np.int32), "loss_mask": loss_mask}
+    arrays.update(scored_positions(arrays, resp))
+    return {k: jnp.asarray(v) for k, v in arrays.items()}
 
 
-def focus_config(name: str, seq: int) -> FocusConfig:
-    return FocusConfig(max_loss_positions=max(1, seq // 10), **VARIANTS[name])
+def focus_config(name: str) -> FocusConfig:
+    return FocusConfig(**VARIANTS[name])
+
+
+def analytic_flops(cfg: ModelConfig, fcfg: FocusConfig, batch: dict) -> dict:
+    """Model FLOPs (focusft_jax.flops) of the step and of one forward, on the
+    exact workload of `batch` under the variant's mask."""
+    meta = attention_meta(batch["attention_mask"], batch["loss_mask"], kind=fcfg.attention)
+    work = workload_from_meta(np.asarray(meta.kv_start), np.asarray(meta.kv_end), np.asarray(batch["loss_index"]))
+    return {"flops": step_flops(cfg, fcfg, work)["total"], "forward_flops": forward_flops(cfg, work)}
 
 
 def jitted_step():
@@ -84,10 +107,6 @@ def measure(cfg: ModelConfig, fcfg: FocusConfig, params, batch, repeats: int) ->
     step = jitted_step()
     rng = jax.random.key(1)
     compiled = step.lower(params, batch, rng, cfg, fcfg).compile()
-    # Cost analysis counts a loop body once: count FLOPs on the unrolled program.
-    unrolled = cfg.replace(scan_layers=False)
-    cost = step.lower(params, batch, rng, unrolled, fcfg).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mem = compiled.memory_analysis()
     jax.block_until_ready(compiled(params, batch, rng))
     times = []
@@ -96,7 +115,7 @@ def measure(cfg: ModelConfig, fcfg: FocusConfig, params, batch, repeats: int) ->
         jax.block_until_ready(compiled(params, batch, rng))
         times.append(time.perf_counter() - t0)
     return {
-        "flops": float(cost.get("flops", 0.0)),
+        **analytic_flops(cfg, fcfg, batch),
         "temp_bytes": int(mem.temp_size_in_bytes),
         "median_step_s": statistics.median(times),
     }
@@ -181,7 +200,7 @@ def compare_with_torch(model, cfg, params, args) -> dict:
         if args.torch_hf_labels:
             steps["torch_hf_labels"] = torch_step_fn(model, batch, hf_labels=True)
         for name in TORCH_VARIANTS:
-            compiled = jitted_step().lower(params, batch, rng, cfg, focus_config(name, seq)).compile()
+            compiled = jitted_step().lower(params, batch, rng, cfg, focus_config(name)).compile()
 
             def run(compiled=compiled, batch=batch):
                 (loss, _), grads = compiled(params, batch, rng)
@@ -268,7 +287,7 @@ def main(argv=None) -> dict:
         batch = make_batch(args.batch, seq, cfg.vocab_size)
         for name in args.variants:
             results["variants"].setdefault(name, {})[str(seq)] = measure(
-                cfg, focus_config(name, seq), params, batch, args.repeats
+                cfg, focus_config(name), params, batch, args.repeats
             )
     v = results["variants"]
     short, long = str(lengths[0]), str(lengths[1])
@@ -278,6 +297,9 @@ def main(argv=None) -> dict:
         for name in [n for n in args.variants if n != "sft_causal"]:
             for key in ("flops", "temp_bytes", "median_step_s"):
                 ratios[f"{name}/sft_causal {key} @{seq}"] = v[name][seq][key] / base[key]
+    for seq in (short, long):
+        for name in args.variants:
+            ratios[f"{name} step/forward flops @{seq}"] = v[name][seq]["flops"] / v[name][seq]["forward_flops"]
     for name in args.variants:
         ratios[f"{name} temp_bytes {long}/{short}"] = v[name][long]["temp_bytes"] / v[name][short]["temp_bytes"]
     targets = {

@@ -65,8 +65,6 @@ class FocusConfig:
     scope: Literal[SCOPES] = "per_example"
     meta_gradient: Literal[META_GRADIENTS] = "first_order"
     attention: Literal[ATTENTION_KINDS] = "glm_bidir"
-    # Scored positions per row: the loader's bucketed count of each batch, so not a YAML key. None: all S.
-    max_loss_positions: int | None = dataclasses.field(default=None, metadata={"config": False})
     # first_order (and SFT, num_inner_steps 0) through first_order.py's
     # memory-lean custom VJP (same value and gradient; reverse mode only).
     # False: JAX autodiff of this file.
@@ -181,7 +179,7 @@ def prepare(params: Params, batch: dict, cfg: ModelConfig, fcfg: FocusConfig) ->
     (restarting in every packed example) and loss targets, and runs the layers
     below the fast-weight layers once."""
     meta, positions = mask_and_positions(batch, fcfg)
-    targets = loss_targets(batch, fcfg.max_loss_positions)
+    targets = loss_targets(batch)
     start = split_layer(cfg, fcfg)
     x = embed(cfg, params, batch["input_ids"])
     if start > 0:
@@ -308,7 +306,7 @@ def focusft_loss(
     fused = fcfg.fused_first_order and (sft or fcfg.meta_gradient == "first_order") and start < cfg.num_layers
     if fused:
         meta, positions = mask_and_positions(batch, fcfg)
-        targets = loss_targets(batch, fcfg.max_loss_positions)
+        targets = loss_targets(batch)
         x0 = embed(cfg, params, batch["input_ids"])
         rule = InnerRule(fcfg, start)
         loss, examples, inner_losses, skipped = first_order_loss(cfg, rule, params, x0, fast0, positions, meta, targets)

@@ -8,6 +8,13 @@ Both are statistics of the attention of response-token queries (loss_mask 1):
 Averaged over heads and response queries, reported per layer and overall.
 Only the response rows of the attention matrix are formed ([P, S] per head,
 P = response tokens), never S x S.
+
+The response queries are the tokens the loss predicts: t + 1 for the scored
+positions t of `loss.loss_targets` (the batch's loss keys, or its on-device
+fallback), so the scored positions are found once, by the loader. A response
+token with no real predecessor in its own example (at position 0 of a row, or
+the first token of a packed example) is predicted by no position, so it is
+not a query here either.
 """
 from __future__ import annotations
 
@@ -15,20 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from focusft_jax.attention import attention_meta
+from focusft_jax.loss import loss_targets
 from focusft_jax.model import ModelConfig, Params, embed, run_layers
-
-
-def _response_index(loss_mask: jax.Array, attention_mask: jax.Array, max_queries: int):
-    w = (loss_mask.astype(bool) & attention_mask.astype(bool)).astype(jnp.float32)
-
-    def one(row):
-        (idx,) = jnp.nonzero(row > 0, size=max_queries, fill_value=0)
-        return idx.astype(jnp.int32)
-
-    idx = jax.vmap(one)(w)
-    count = jnp.sum(w > 0, axis=1)
-    weight = (jnp.arange(max_queries)[None, :] < count[:, None]).astype(jnp.float32)
-    return idx, weight
 
 
 def attention_diagnostics(
@@ -42,9 +37,11 @@ def attention_diagnostics(
     """Per-layer sink mass and context engagement of the base model on `batch`.
 
     batch: input_ids, attention_mask, loss_mask [B, S] (optional segment_ids,
-    positions). max_queries: static bound on response tokens per row
-    (default S). Returns {"sink_mass": [L], "context_engagement": [L],
-    "sink_mass_mean": [], "context_engagement_mean": []} (float32).
+    positions; the loader's loss_index / loss_target / loss_weight, whose
+    scored positions give the queries). max_queries: static bound on response
+    tokens per row for a batch without the loss keys (default S). Returns
+    {"sink_mass": [L], "context_engagement": [L], "sink_mass_mean": [],
+    "context_engagement_mean": []} (float32).
     """
     ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
     bsz, seq = ids.shape
@@ -56,7 +53,9 @@ def attention_diagnostics(
     real = am.astype(bool)
     sink = real & (positions < num_sink)
     context = real & ~lm.astype(bool) & ~sink
-    q_idx, q_w = _response_index(lm, am, max_queries or seq)
+    tg = loss_targets(batch, max_queries)
+    q_w = (tg.weight > 0).astype(jnp.float32)
+    q_idx = jnp.where(q_w > 0, tg.index + 1, 0)  # the predicted token; padding entries at 0, weight 0
     q_start = jnp.take_along_axis(meta.kv_start, q_idx, axis=1)
     q_end = jnp.take_along_axis(meta.kv_end, q_idx, axis=1)
     n_queries = jnp.maximum(jnp.sum(q_w), 1.0)

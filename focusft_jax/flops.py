@@ -158,7 +158,8 @@ class Workload:
     """What the FLOPs of a forward or a step depend on, besides the model.
 
     batch: B rows; seq: S tokens per row; scored: P scored positions per row
-    (the static `LossTargets` length: `FocusConfig.max_loss_positions`, or S);
+    (the static `LossTargets` length: the loader's bucketed count, the
+    [B, P] shape of the batch's "loss_index", or S without it);
     pairs: attended (query, key) pairs over all B * S queries; scored_pairs:
     the pairs of the B * P scored queries (the gathered last layer).
     """
@@ -368,6 +369,7 @@ def step_flops(
     *,
     mask: str | None = None,
     batch: int = 1,
+    scored: int | None = None,
     embed_grad: bool = True,
 ) -> dict[str, int]:
     """FLOPs of one training step: the loss and its gradient wrt all base
@@ -376,7 +378,8 @@ def step_flops(
 
     work: a `Workload`, or the sequence length S, with `response` R, `mask`
     (default `fcfg.attention`; "dense" counts what dense attention computes),
-    `batch` and P = `fcfg.max_loss_positions` (None: S), as `workload` takes.
+    `batch` and P = `scored` (None: S), as `workload` takes. P is a shape of
+    the batch (its "loss_index" [B, P]), not a method setting.
     embed_grad: the embedding table's gradient is wanted, so layer 0's input
     cotangent is formed (the embedding's own gradient is a scatter, not
     counted).
@@ -430,9 +433,9 @@ def step_flops(
     if not isinstance(work, Workload):
         if response is None:
             raise ValueError("step_flops: give a Workload, or the sequence length and response=")
-        work = workload(int(work), response, mask or fcfg.attention, batch=batch, scored=fcfg.max_loss_positions)
-    elif response is not None or mask is not None:
-        raise ValueError("step_flops: response= and mask= describe a batch; a Workload already does")
+        work = workload(int(work), response, mask or fcfg.attention, batch=batch, scored=scored)
+    elif response is not None or mask is not None or scored is not None:
+        raise ValueError("step_flops: response=, mask= and scored= describe a batch; a Workload already does")
     L, K = cfg.num_layers, fcfg.num_inner_steps
     start = 0 if K == 0 else fast_start_layer(L, fcfg.fraction)
     full = K > 0 and fcfg.meta_gradient == "full"

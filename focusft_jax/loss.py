@@ -5,15 +5,27 @@ loss_mask[t+1]. Per example the loss is the mean over its weighted tokens (an
 example without loss tokens contributes nothing, never a NaN); the batch loss
 is the mean over the examples that have loss tokens. With a 150K vocabulary
 full-sequence logits are tens of GB at 32K tokens while a response is often a
-few tokens, so the hidden states are gathered at the (at most `max_positions`)
-weighted positions before the LM head.
+few tokens, so the hidden states are gathered at the (at most P) weighted
+positions before the LM head.
+
+P, the number of scored positions per row, is a SHAPE of the batch, not a
+method setting: the host loader (`focusft_jax.data.ChatLoader`) counts the
+scored positions of its global batch, rounds the count up
+(`data.batching.round_loss_positions`) and emits them with `scored_positions`
+as the batch keys "loss_index", "loss_target" (int32 [B, P]) and
+"loss_weight" (float32 [B, P]). `loss_targets` takes them as they are, so a
+jitted step retraces per (S, P) by itself and the device never searches for
+the positions; a raw batch without the keys falls back to an on-device
+`jnp.nonzero` with P = `max_positions` or S.
 """
 from __future__ import annotations
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 from flax import struct
 
+from focusft_jax.errors import DataError
 from focusft_jax.model import ModelConfig, Params, final_norm, lm_logits
 
 
@@ -48,12 +60,81 @@ def token_weights(batch: dict) -> jax.Array:
     return w.astype(jnp.float32)
 
 
-def loss_targets(batch: dict, max_positions: int | None = None) -> LossTargets:
-    """Gathers the scored positions of `batch` into a static [B, P] layout.
+LOSS_KEYS = ("loss_index", "loss_target", "loss_weight")
 
-    max_positions: P; None means S (always enough). The data pipeline knows
-    the largest response length and passes a bucketed P.
+
+def scored_positions(arrays: dict, num_positions: int) -> dict[str, np.ndarray]:
+    """The batch keys of the scored positions, computed on the host (numpy).
+
+    arrays: numpy input_ids, attention_mask, loss_mask [B, S] (optional
+    segment_ids). num_positions: P (clipped to S, as `loss_targets` does).
+    Returns {"loss_index": int32 [B, P], "loss_target": int32 [B, P],
+    "loss_weight": float32 [B, P]}, exactly what `loss_targets(batch, P)`
+    computes on the device: the positions t with `token_weights` > 0 in
+    ascending order, then padding entries with index 0 and weight 0; target
+    is the token at t + 1 (at index 0 + 1 for padding entries, as the device
+    gather gives). Raises DataError naming the row if a row has more scored
+    positions than P: a token is never dropped silently.
     """
+    ids = np.asarray(arrays["input_ids"])
+    if ids.ndim != 2:
+        raise ValueError(f"scored_positions: input_ids must be [B, S], got shape {ids.shape}")
+    bsz, seq = ids.shape
+    p = min(int(num_positions), seq)
+    if p < 1:
+        raise ValueError(f"scored_positions: num_positions must be >= 1, got {num_positions}")
+    lm = np.asarray(arrays["loss_mask"]).astype(bool)
+    real = np.asarray(arrays["attention_mask"]).astype(bool)
+    w = np.zeros((bsz, seq), bool)
+    w[:, :-1] = lm[:, 1:] & real[:, 1:] & real[:, :-1]
+    seg = arrays.get("segment_ids")
+    if seg is not None:
+        seg = np.asarray(seg)
+        w[:, :-1] &= seg[:, 1:] == seg[:, :-1]
+    count = w.sum(axis=1)
+    if count.max(initial=0) > p:
+        r = int(np.argmax(count))
+        raise DataError(
+            f"batch row {r}",
+            f"{int(count[r])} scored positions, more than the batch's P = {p} loss positions "
+            f"(rows with more: {int(np.sum(count > p))} of {bsz}); raise P, never drop loss tokens",
+            "too_many_loss_positions",
+        )
+    nxt = np.zeros_like(ids)
+    nxt[:, :-1] = ids[:, 1:]
+    index = np.zeros((bsz, p), np.int32)
+    weight = (np.arange(p)[None, :] < count[:, None]).astype(np.float32)
+    for r in range(bsz):
+        (pos,) = np.nonzero(w[r])
+        index[r, : len(pos)] = pos
+    target = np.take_along_axis(nxt, index, axis=1).astype(np.int32)
+    return {"loss_index": index, "loss_target": target, "loss_weight": weight}
+
+
+def loss_targets(batch: dict, max_positions: int | None = None) -> LossTargets:
+    """The scored positions of `batch` in a static [B, P] layout.
+
+    A batch with the keys of `scored_positions` (the loader's batches) gives
+    them as they are (dropped = 0: `scored_positions` refuses a row that does
+    not fit), and max_positions is ignored. Otherwise (a raw batch) they are
+    found on the device with `jnp.nonzero`, P = max_positions or S (S is
+    always enough); tokens that do not fit are counted in `dropped`.
+    """
+    present = [k for k in LOSS_KEYS if k in batch]
+    if present:
+        if len(present) != len(LOSS_KEYS):
+            raise ValueError(f"loss_targets: the batch has {present} but not all of {list(LOSS_KEYS)}")
+        index, target, weight = (batch[k] for k in LOSS_KEYS)
+        shapes = {k: tuple(batch[k].shape) for k in LOSS_KEYS}
+        bsz = batch["input_ids"].shape[0]
+        if len(set(shapes.values())) != 1 or len(shapes["loss_index"]) != 2 or shapes["loss_index"][0] != bsz:
+            raise ValueError(f"loss_targets: the loss keys must all be [B={bsz}, P], got shapes {shapes}")
+        return LossTargets(
+            index=jnp.asarray(index, jnp.int32),
+            target=jnp.asarray(target, jnp.int32),
+            weight=jnp.asarray(weight, jnp.float32),
+            dropped=jnp.zeros((), jnp.int32),
+        )
     ids = batch["input_ids"]
     bsz, seq = ids.shape
     p = seq if max_positions is None else min(int(max_positions), seq)

@@ -4,7 +4,11 @@ weights and batch (so the timing comparison compares like with like)."""
 from __future__ import annotations
 
 import importlib.util
+from argparse import Namespace
 from pathlib import Path
+
+from focusft_jax.flops import step_flops, workload
+from focusft_jax.hf import config_from_hf
 
 STEP = Path(__file__).resolve().parents[1] / "bench" / "step.py"
 
@@ -30,9 +34,18 @@ def test_bench_step_sections_and_torch_loss_parity(capsys):
     for per_length in res["variants"].values():
         assert set(per_length) == {"32", "64"}
         for m in per_length.values():
-            assert m["flops"] > 0 and m["temp_bytes"] > 0 and m["median_step_s"] > 0
+            assert m["flops"] > m["forward_flops"] > 0 and m["temp_bytes"] > 0 and m["median_step_s"] > 0
     # FocuSFT runs the top layers three times: more FLOPs than SFT, whatever the size
     assert res["ratios"]["focusft_first_order/sft_causal flops @64"] > 1.0
+    # the analytic counts of focusft_jax.flops on the bench's batch (P = the response, 64 // 10)
+    bench_cfg = config_from_hf({"model_type": "qwen2", **bench.hf_config_kwargs(Namespace(vocab=96, hidden=64, layers=2), 64)}, "")
+    batch = bench.make_batch(1, 64, 96)
+    assert batch["loss_index"].shape == (1, 6)
+    work = workload(64, response=6, mask="glm_bidir", scored=6)
+    fcfg = bench.focus_config("focusft_first_order")
+    assert res["variants"]["focusft_first_order"]["64"]["flops"] == step_flops(bench_cfg, fcfg, work)["total"]
+    # an SFT step is a forward and a backward twice its size
+    assert abs(res["ratios"]["sft_causal step/forward flops @64"] - 3.0) < 1e-9
     assert set(res["vs_torch"]) == {"40"}
     for row in res["vs_torch"].values():
         assert row["torch_s"] > 0 and row["focusft_first_order_s"] > 0

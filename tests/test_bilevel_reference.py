@@ -23,6 +23,7 @@ from focusft_jax.bilevel import (
 )
 from focusft_jax.model import ModelConfig, init_params
 from tests import reference_impl as R
+from tests.loss_positions import with_loss_positions
 
 CFG = ModelConfig(
     family="qwen2",
@@ -39,9 +40,11 @@ CFG = ModelConfig(
 # fraction 0.5 of 4 layers: layers 0, 1 are bottom (no fast weights), 2, 3 top.
 # inner_clip 0.3: with these sizes the per-tensor gradient norms straddle it,
 # so both branches of the clip are taken (asserted below).
-# max_loss_positions 9 (>= the 8 scored tokens of a row, < S): logits and the
-# last layer at the scored positions only, as the trainer runs it.
-FCFG = FocusConfig(num_inner_steps=2, inner_lr=1.0, inner_clip=0.3, rank=4, alpha=8.0, fraction=0.5, max_loss_positions=9)
+FCFG = FocusConfig(num_inner_steps=2, inner_lr=1.0, inner_clip=0.3, rank=4, alpha=8.0, fraction=0.5)
+# P = 9 loss positions in the library's batches (>= the 8 scored tokens of a
+# row, < S): logits and the last layer at the scored positions only, as the
+# trainer runs the loader's batches.
+POSITIONS = 9
 FULL = dataclasses.replace(FCFG, meta_gradient="full")
 START = 2
 N_TOP = CFG.num_layers - START
@@ -122,9 +125,12 @@ def lib_step(params, batch, rng, fast0, fcfg, with_inner):
     return (loss, aux), grads, inner
 
 
-def lib(params, batch, fast0, fcfg=FCFG, with_inner=None):
+def lib(params, batch, fast0, fcfg=FCFG, with_inner=None, positions=POSITIONS):
+    """The library on `batch` with its P = `positions` loss positions (None:
+    none in the batch, P = S)."""
     if with_inner is None:  # phi_K is looked at for the first-order batches of two
         with_inner = fcfg.num_inner_steps > 0 and fcfg.meta_gradient == "first_order" and batch["input_ids"].shape[0] > 1
+    batch = with_loss_positions(batch, positions)
     return lib_step(params, batch, jax.random.key(0), fast0, fcfg, with_inner)
 
 
@@ -200,11 +206,10 @@ def test_reference_mask_rule_consequences():
 
 @pytest.mark.parametrize("b_std,positions", [(0.0, 9), (0.05, 9), (0.05, None)], ids=["B0=0", "B0=random", "all_positions"])
 def test_first_order_matches_reference(b_std, positions):
-    fcfg = dataclasses.replace(FCFG, max_loss_positions=positions)
     params, batch, fast0 = make_params(), make_batch(), make_fast0(2, b_std=b_std)
-    (loss, aux), grads, (phi, inner_losses, skipped) = lib(params, batch, fast0, fcfg)
+    (loss, aux), grads, (phi, inner_losses, skipped) = lib(params, batch, fast0, positions=positions)
     stats = new_stats()
-    (rloss, raux), rgrads = ref_value_and_grad(params, batch, fast0, fcfg, True, stats)
+    (rloss, raux), rgrads = ref_value_and_grad(params, batch, fast0, FCFG, True, stats)
 
     # the data exercise both branches of the clip, and (B0 = 0) the zero A gradient
     assert stats["clipped"] > 0 and stats["unclipped"] > 0, stats
@@ -334,8 +339,12 @@ def test_non_finite_inner_loss_leaves_phi_unchanged(where):
 
 
 @functools.partial(jax.jit, static_argnums=(2,), compiler_options=FAST_COMPILE)
-def lib_loss(params, batch, fcfg):
+def _lib_loss(params, batch, fcfg):
     return focusft_loss(params, batch, jax.random.key(0), CFG, fcfg)
+
+
+def lib_loss(params, batch, fcfg, positions=POSITIONS):
+    return _lib_loss(params, with_loss_positions(batch, positions), fcfg)
 
 
 def test_no_inner_steps_is_masked_sft():

@@ -23,6 +23,7 @@ import transformers
 from focusft_jax.bilevel import FocusConfig, focusft_loss
 from focusft_jax.hf import load_hf
 from tests import reference_impl as R
+from tests.loss_positions import with_loss_positions
 
 # tests/tiny_models.py's "qwen2_tied" case (qkv bias, tied embeddings, GQA)
 # with 4 layers and hidden 32, so that fraction 0.5 leaves 2 bottom layers.
@@ -42,11 +43,10 @@ HF_KW = dict(
 )
 TARGETS = ("gate_proj", "up_proj", "down_proj")
 # clip 0.3: the per-tensor gradient norms straddle it here (both branches asserted)
-# max_loss_positions 9 (>= the 8 scored tokens of a row, < S): the trainer's
-# path, logits and the last layer at the scored positions only.
-FCFG = FocusConfig(
-    num_inner_steps=2, inner_lr=1.0, inner_clip=0.3, rank=4, alpha=8.0, fraction=0.5, targets=TARGETS, max_loss_positions=9
-)
+FCFG = FocusConfig(num_inner_steps=2, inner_lr=1.0, inner_clip=0.3, rank=4, alpha=8.0, fraction=0.5, targets=TARGETS)
+# P = 9 loss positions in the JAX batch (>= the 8 scored tokens of a row, < S):
+# the trainer's path, logits and the last layer at the scored positions only.
+POSITIONS = 9
 START = 2  # int(4 * (1 - 0.5))
 S = 20
 TURNS = ([(0, 6), (1, 4), (0, 4), (1, 4)], [(0, 5), (1, 3), (0, 3), (1, 4)])
@@ -267,7 +267,7 @@ def test_first_order_step_matches_pytorch(checkpoint, b_std):
         assert (a_norm == 0.0) if b_std == 0.0 else (a_norm > 1e-4)
         assert min(v for (p, k, i), v in norms.items() if k == "B") > 0.0
 
-    jbatch = {k: jnp.asarray(v) for k, v in batch.items()}
+    jbatch = with_loss_positions({k: jnp.asarray(v) for k, v in batch.items()}, POSITIONS)
     jfast0 = jax.tree.map(jnp.asarray, fast0)
     (loss, aux), grads = jax_step(model.params, jbatch, jfast0, cfg)
 

@@ -24,7 +24,7 @@ from focusft_jax.data import (
     render_spans,
     round_loss_positions,
 )
-from focusft_jax.loss import loss_targets, token_weights
+from focusft_jax.loss import LOSS_KEYS, loss_targets, token_weights
 from tests.data_fixtures import (
     CHATML_TEMPLATE,
     LLAMA3_TEMPLATE,
@@ -481,7 +481,11 @@ def test_padded_batches_use_buckets(varied):
         assert b.seq_len in loader.buckets and b.seq_len >= longest
         assert b.seq_len == min(x for x in loader.buckets if x >= longest)
         for k, v in b.arrays.items():
-            assert v.dtype == np.int32 and v.shape == (4, b.seq_len), k
+            if k in LOSS_KEYS:  # the scored positions, [B, P]
+                assert v.dtype == (np.float32 if k == "loss_weight" else np.int32)
+                assert v.shape == (4, b.loss_positions), k
+            else:
+                assert v.dtype == np.int32 and v.shape == (4, b.seq_len), k
         check_rows_match_examples(varied, b.arrays, rows)
         seen += [i for r in rows for i in r]
     assert sorted(seen) == list(range(len(varied)))  # drop_remainder=False: every example once
@@ -503,17 +507,22 @@ def test_length_grouping_reduces_padding(varied):
     assert len(set(seen_grouped)) == len(seen_grouped)
 
 
-def test_max_loss_positions_covers_every_row(varied):
+def test_loss_positions_cover_every_row(varied):
     for packing in (False, True):
         loader = ChatLoader(varied, batch_size=3, packing=packing, seed=1, num_epochs=1)
         for b in list(loader)[:4]:
             batch = {k: jnp.asarray(v) for k, v in b.arrays.items()}
             per_row = np.asarray(jax.jit(token_weights)(batch).sum(axis=1))
-            assert isinstance(b.max_loss_positions, int)
-            assert per_row.max() <= b.max_loss_positions <= b.seq_len
-            assert b.max_loss_positions == round_loss_positions(int(per_row.max()), b.seq_len)
-            tg = jax.jit(loss_targets, static_argnums=1)(batch, b.max_loss_positions)
+            assert isinstance(b.loss_positions, int)
+            assert per_row.max() <= b.loss_positions <= b.seq_len
+            assert b.loss_positions == round_loss_positions(int(per_row.max()), b.seq_len)
+            tg = jax.jit(loss_targets)(batch)  # from the batch's keys
             assert int(tg.dropped) == 0 and float(tg.weight.sum()) == per_row.sum()
+            # the keys are what the on-device fallback finds with the same P
+            raw = {k: v for k, v in batch.items() if k not in LOSS_KEYS}
+            ref = jax.jit(loss_targets, static_argnums=1)(raw, b.loss_positions)
+            for got, want in ((tg.index, ref.index), (tg.target, ref.target), (tg.weight, ref.weight)):
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def glm_mask_alone(loss_mask):
@@ -566,7 +575,7 @@ def batches(loader, n):
     out = []
     for _ in range(n):
         b = next(loader)
-        out.append((b.epoch, b.step, b.max_loss_positions, {k: v.copy() for k, v in b.arrays.items()}))
+        out.append((b.epoch, b.step, b.loss_positions, {k: v.copy() for k, v in b.arrays.items()}))
     return out
 
 
@@ -628,7 +637,9 @@ def test_multi_host_shares(varied):
             w = next(whole)
             h = [next(x) for x in hosts]
             assert h[0].seq_len == h[1].seq_len == w.seq_len
-            assert h[0].max_loss_positions == h[1].max_loss_positions == w.max_loss_positions
+            # P is decided on the global batch: the same loss-key shape on every host
+            assert h[0].loss_positions == h[1].loss_positions == w.loss_positions
+            assert set(LOSS_KEYS) <= set(h[0].arrays) == set(h[1].arrays) == set(w.arrays)
             for k in w.arrays:
                 np.testing.assert_array_equal(np.concatenate([h[0].arrays[k], h[1].arrays[k]]), w.arrays[k])
             ids0 = {tuple(r) for r in h[0].arrays["input_ids"].tolist()}

@@ -19,6 +19,7 @@ import pytest
 
 from focusft_jax.bilevel import FocusConfig, draw_fast_weights, focusft_loss
 from focusft_jax.model import ModelConfig, init_params
+from tests.loss_positions import with_loss_positions
 
 CFG = ModelConfig(
     family="qwen2",
@@ -31,16 +32,19 @@ CFG = ModelConfig(
     head_dim=8,
     qkv_bias=True,
 )
-# max_loss_positions 10 < S: the last layer runs at the scored positions only
-FCFG = FocusConfig(inner_lr=1.0, inner_clip=0.3, rank=4, alpha=8.0, fraction=0.5, max_loss_positions=10)
+FCFG = FocusConfig(inner_lr=1.0, inner_clip=0.3, rank=4, alpha=8.0, fraction=0.5)
+# P = 10 loss positions in the batch (< S): the last layer runs at the scored positions only
+POSITIONS = 10
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 S = 24
 
+# name: (model settings, method settings, packed[, loss positions P; None: no
+# loss keys in the batch, P = S])
 CASES = {
     "default": ({}, {}, False),
     "sft_glm_bidir": ({}, dict(num_inner_steps=0), False),
     "sft_causal_packed_unrolled": (dict(scan_layers=False), dict(num_inner_steps=0, attention="causal"), True),
-    "all_positions": ({}, dict(max_loss_positions=None), False),
+    "all_positions": ({}, {}, False, None),
     "one_top_layer": ({}, dict(fraction=0.25), False),
     "packed": ({}, {}, True),
     "shared_all_targets_K3_tied": (
@@ -58,9 +62,10 @@ CASES = {
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 
-def make_batch(packed: bool, seed: int = 0) -> dict:
+def make_batch(packed: bool, seed: int = 0, positions: int | None = POSITIONS) -> dict:
     """Two rows: context/answer turns, right padding in one; with `packed`,
-    two conversations in the first row (segment ids, positions restarting)."""
+    two conversations in the first row (segment ids, positions restarting);
+    with its P = `positions` loss positions (None: none, P = S)."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, CFG.vocab_size, (2, S))
     loss = np.zeros((2, S), np.int32)
@@ -74,7 +79,7 @@ def make_batch(packed: bool, seed: int = 0) -> dict:
         seg = np.zeros((2, S), np.int32)
         seg[0, 12:] = 1
         batch["segment_ids"] = jnp.asarray(seg)
-    return batch
+    return with_loss_positions(batch, positions)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4), compiler_options=FAST_COMPILE)
@@ -96,12 +101,12 @@ def assert_tree_close(actual, expected, rtol, what):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_fused_first_order_equals_autodiff(case):
-    model_kw, method_kw, packed = CASES[case]
+    model_kw, method_kw, packed, *positions = CASES[case]
     cfg = CFG.replace(**model_kw)
     fused = dataclasses.replace(FCFG, **method_kw)
     plain = dataclasses.replace(fused, fused_first_order=False)
     params = init_params(cfg, jax.random.key(1), std=0.2)
-    batch = make_batch(packed)
+    batch = make_batch(packed, positions=positions[0] if positions else POSITIONS)
     fast0 = None  # SFT
     if fused.num_inner_steps:
         # B = 0 at phi_0 (METHOD); a non-zero B also makes A's gradient non-zero at step 1

@@ -28,6 +28,7 @@ from focusft_jax.attention import attention_meta
 from focusft_jax.bilevel import FocusConfig, draw_fast_weights, focusft_loss
 from focusft_jax.loss import loss_targets
 from focusft_jax.model import ModelConfig, forward, param_shapes
+from tests.loss_positions import with_loss_positions
 
 
 # The brief's tiny model: exact structure checks (HLO matmul FLOPs only).
@@ -193,9 +194,10 @@ def test_gradient_is_three_forwards():
 
 def _step_dots(cfg: ModelConfig, fcfg: FocusConfig, B: int, S: int, R: int) -> int:
     """Matmul FLOPs of the training step's program: value_and_grad of
-    focusft_loss with its aux (the inner losses are outputs). phi_0 comes in
-    as an argument (drawing it inside adds RNG ops, no matmuls)."""
-    params, batch = _params(cfg), _batch(cfg, B, S, R)
+    focusft_loss with its aux (the inner losses are outputs), on a batch with
+    P = R loss positions. phi_0 comes in as an argument (drawing it inside
+    adds RNG ops, no matmuls)."""
+    params, batch = _params(cfg), with_loss_positions(_batch(cfg, B, S, R), R)
     fast0 = _fast0(cfg, fcfg, B) if fcfg.num_inner_steps else None
     step = jax.value_and_grad(lambda p, b, f: focusft_loss(p, b, None, cfg, fcfg, fast0=f), has_aux=True)
     return _compiled(step, params, batch, fast0)[0]
@@ -206,7 +208,7 @@ def test_first_order_step_matches_xla():
     the top layer at the scored positions without layer start's input
     cotangent, the outer pass, the head at P positions): exact."""
     B, S, R = 2, 16, 4
-    fcfg = FocusConfig(num_inner_steps=1, rank=4, fraction=0.5, max_loss_positions=R)
+    fcfg = FocusConfig(num_inner_steps=1, rank=4, fraction=0.5)
     analytic = flops.step_flops(TINY, fcfg, flops.workload(S, R, "dense", batch=B, scored=R))
     assert analytic["bottom"] > 0 and analytic["inner"] > 0
     assert _step_dots(TINY, fcfg, B, S, R) == analytic["total"]
@@ -217,7 +219,7 @@ def test_sft_step_matches_xla(fused):
     """SFT: the fused form (last layer at the scored positions) and the
     autodiff form (last layer at every position)."""
     B, S, R = 2, 16, 4
-    fcfg = FocusConfig(num_inner_steps=0, max_loss_positions=R, fused_first_order=fused)
+    fcfg = FocusConfig(num_inner_steps=0, fused_first_order=fused)
     analytic = flops.step_flops(TINY, fcfg, flops.workload(S, R, "dense", batch=B, scored=R))
     assert _step_dots(TINY, fcfg, B, S, R) == analytic["total"]
 
@@ -226,7 +228,7 @@ def test_xla_shares_layer_start_across_inner_passes():
     """K = 2: XLA's CSE computes the fast-weight-independent part of layer
     start once for both inner passes (not with the outer pass, start > 0)."""
     B, S, R = 2, 16, 4
-    fcfg = FocusConfig(num_inner_steps=2, rank=4, fraction=0.5, max_loss_positions=R)
+    fcfg = FocusConfig(num_inner_steps=2, rank=4, fraction=0.5)
     work = flops.workload(S, R, "dense", batch=B, scored=R)
     expected = flops.step_flops(TINY, fcfg, work)["total"] - flops.shared_start_flops(TINY, fcfg, work)
     assert _step_dots(TINY, fcfg, B, S, R) == expected
@@ -236,9 +238,7 @@ def test_xla_shares_layer_start_across_inner_passes():
 def test_full_meta_gradient_approximation(targets):
     """`full` is approximate: measured 0.7% / 0.1% above XLA here."""
     B, S, R = 2, 16, 4
-    fcfg = FocusConfig(
-        num_inner_steps=1, rank=4, fraction=0.5, max_loss_positions=R, meta_gradient="full", targets=targets
-    )
+    fcfg = FocusConfig(num_inner_steps=1, rank=4, fraction=0.5, meta_gradient="full", targets=targets)
     analytic = flops.step_flops(TINY, fcfg, flops.workload(S, R, "dense", batch=B, scored=R))["total"]
     ratio = analytic / _step_dots(TINY, fcfg, B, S, R)
     assert 1.0 <= ratio <= 1.02, ratio
@@ -340,7 +340,7 @@ def test_step_structure():
     more than first_order; gathering the last layer saves work."""
     cfg = TINY.replace(num_layers=4)
     work = flops.workload(64, 8, "glm_bidir", batch=2, scored=8)
-    base = FocusConfig(rank=4, fraction=0.5, max_loss_positions=8)
+    base = FocusConfig(rank=4, fraction=0.5)
     sft = _total(dataclasses.replace(base, num_inner_steps=0), cfg, work)
     by_k = [_total(dataclasses.replace(base, num_inner_steps=k), cfg, work) for k in (1, 2, 3, 4)]
     assert all(t["total"] > sft["total"] for t in by_k)
@@ -370,7 +370,7 @@ def test_step_structure():
 
 def test_shared_start():
     work = flops.workload(16, 4, "dense", batch=2, scored=4)
-    ffn = FocusConfig(num_inner_steps=2, rank=4, fraction=0.5, max_loss_positions=4)
+    ffn = FocusConfig(num_inner_steps=2, rank=4, fraction=0.5)
     # FFN targets share q, k, v, both attention matmuls, o and gate/up: measured 524288 on a 3-layer TINY.
     assert flops.shared_start_flops(TINY.replace(num_layers=3), ffn, work) == 524288
     q = dataclasses.replace(ffn, targets=("q_proj",))
@@ -393,8 +393,8 @@ def test_model_flops_per_token():
 
 def test_step_from_description():
     cfg = TINY
-    fcfg = FocusConfig(num_inner_steps=2, rank=4, max_loss_positions=6)
-    a = flops.step_flops(cfg, fcfg, 64, 6, batch=3)
+    fcfg = FocusConfig(num_inner_steps=2, rank=4)
+    a = flops.step_flops(cfg, fcfg, 64, 6, batch=3, scored=6)
     b = flops.step_flops(cfg, fcfg, flops.workload(64, 6, "glm_bidir", batch=3, scored=6))
     assert a == b
     assert a["total"] == sum(v for k, v in a.items() if k != "total")
@@ -402,3 +402,5 @@ def test_step_from_description():
         flops.step_flops(cfg, fcfg, 64)
     with pytest.raises(ValueError):
         flops.step_flops(cfg, fcfg, flops.workload(64, 6), 6)
+    with pytest.raises(ValueError):  # P is the Workload's, not a second value
+        flops.step_flops(cfg, fcfg, flops.workload(64, 6), scored=6)

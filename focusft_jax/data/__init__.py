@@ -2,8 +2,8 @@
 
     ds = load_chat_dataset(["train.jsonl"], tokenizer, max_length=4096)
     loader = ChatLoader(ds, batch_size=8, packing=True, seed=0)
-    for batch in loader:            # Batch: arrays [B, S] int32 + static ints
-        step(batch.arrays, max_positions=batch.max_loss_positions)
+    for batch in loader:            # Batch: arrays [B, S] and loss keys [B, P]
+        step(batch.arrays)          # loss_targets(batch) reads loss_index/target/weight
         ckpt["data"] = loader.state_dict()   # {"epoch", "step", "fingerprint"}
 
 records.py reads and validates rows (JSONL, parquet, Hugging Face datasets),

@@ -14,7 +14,9 @@ filler row). Collation turns a plan into arrays, all int32 [B, S]:
 - positions: 0, 1, ... restarting at every example; 0 on padding.
 
 S is a bucket length (`bucket_lengths`), so a training step compiles once per
-bucket, not once per batch.
+bucket, not once per batch. The loader adds the scored positions of the batch
+(`focusft_jax.loss.scored_positions`: loss_index, loss_target, loss_weight
+[B, P]), P rounded by `round_loss_positions` for the same reason.
 """
 from __future__ import annotations
 
@@ -88,9 +90,11 @@ def bucket_for(length: int, buckets: Sequence[int]) -> int:
 
 
 def round_loss_positions(count: int, seq_len: int, min_positions: int = 16) -> int:
-    """`max_loss_positions` for a batch whose rows have at most `count` scored
-    positions: the next power of two >= max(count, min_positions), capped at
-    seq_len. A static Python int, so a jitted loss sees few distinct values."""
+    """P, the loss positions per row (the [B, P] shape of the loader's
+    loss_index / loss_target / loss_weight) for a batch whose rows have at
+    most `count` scored positions: the next power of two >=
+    max(count, min_positions), capped at seq_len. Few distinct values, so a
+    jitted step retraces for few batch shapes."""
     p = 1
     while p < max(count, min_positions, 1):
         p *= 2

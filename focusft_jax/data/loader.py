@@ -8,7 +8,7 @@ batches without touching the tokenizer.
 
 Determinism and resume. The examples of epoch e are visited in the order
 `permutation(seed, e)` (numpy PCG64 seeded with [seed, e]); the batches of an
-epoch (their rows, their bucket length, their `max_loss_positions`) are a pure
+epoch (their rows, their bucket length, their number of loss positions P) are a pure
 function of (dataset, loader settings, epoch). The loader's position is
 therefore just `{"epoch", "step"}` (the next batch to yield) plus a
 fingerprint of the dataset and settings that guards against resuming with
@@ -18,9 +18,9 @@ would have come next, nothing repeated, nothing skipped.
 Multi-host. Every host preprocesses the whole dataset (cheap next to
 training, and it lets every host plan identical global batches without
 communication). A global batch has `batch_size * process_count` rows; host p
-materializes rows [p * batch_size, (p + 1) * batch_size). Bucket length and
-`max_loss_positions` are decided on the global batch, so every host's arrays
-have the same static shapes, as `jax.make_array_from_process_local_data`
+materializes rows [p * batch_size, (p + 1) * batch_size). Bucket length S and
+the loss positions P are decided on the global batch, so every host's arrays
+have the same static shapes ([B, S], and [B, P] for the loss keys), as `jax.make_array_from_process_local_data`
 needs; the state dict is the same on every host.
 
 Rows with no loss tokens. A conversation whose loss tokens are all truncated
@@ -52,6 +52,7 @@ from focusft_jax.data.batching import (
 )
 from focusft_jax.data.records import DataError, parse_record, read_rows
 from focusft_jax.data.render import INCONSISTENT_TURNS, Rendered, render_spans, tokenize_rendered
+from focusft_jax.loss import scored_positions
 
 ON_BAD_ROW = ("error", "skip")
 
@@ -237,16 +238,17 @@ class Batch:
     """One host's share of one global batch.
 
     arrays: int32 [B, S] input_ids, attention_mask, loss_mask, segment_ids,
-        positions (batching.py); B = batch_size, S = the bucket length.
-    max_loss_positions: static int >= the scored positions of every row of
-        the global batch (pass to `loss_targets(batch, max_positions)`; it then
-        never drops a token).
+        positions (batching.py); B = batch_size, S = the bucket length; and
+        the scored positions (`focusft_jax.loss.scored_positions`):
+        loss_index, loss_target int32 [B, P], loss_weight float32 [B, P],
+        with P >= the scored positions of every row of the global batch
+        (`round_loss_positions`), the same on every host. `loss_targets`
+        takes them as they are.
     epoch, step: this batch's position (step = index within the epoch).
     num_examples: conversations in this host's rows.
     """
 
     arrays: dict
-    max_loss_positions: int
     epoch: int
     step: int
     num_examples: int
@@ -254,6 +256,11 @@ class Batch:
     @property
     def seq_len(self) -> int:
         return int(self.arrays["input_ids"].shape[1])
+
+    @property
+    def loss_positions(self) -> int:
+        """P, the static number of loss positions per row (a shape of `arrays`)."""
+        return int(self.arrays["loss_index"].shape[1])
 
 
 class ChatLoader:
@@ -373,9 +380,10 @@ class ChatLoader:
         preds = max((int(sum(ds.num_predictions[i] for i in r)) for r in rows), default=0)
         mine = rows[self.process_index * self.batch_size : (self.process_index + 1) * self.batch_size]
         arrays = collate(mine, ds.input_ids, ds.loss_mask, seq_len, ds.pad_id)
+        # P from the global batch, so every host's loss keys have the same shape.
+        arrays.update(scored_positions(arrays, round_loss_positions(preds, seq_len, self.min_loss_positions)))
         return Batch(
             arrays=arrays,
-            max_loss_positions=round_loss_positions(preds, seq_len, self.min_loss_positions),
             epoch=epoch,
             step=step,
             num_examples=sum(len(r) for r in mine),
