@@ -122,6 +122,11 @@ class ModelConfig:
             raise ConfigError(f"remat: must be one of {list(REMAT_POLICIES)}, got {self.remat!r}")
         # Resolve the defaults that depend on other fields (frozen: object.__setattr__).
         if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ConfigError(
+                    f"head_dim: hidden_size ({self.hidden_size}) is not a multiple of num_heads "
+                    f"({self.num_heads}); set head_dim explicitly"
+                )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         if self.qkv_bias is None:
             object.__setattr__(self, "qkv_bias", self.family == "qwen2")

@@ -53,6 +53,7 @@ def test_defaults_and_overrides(tmp_path):
         ("model.init.num_layers=0", r"model\.init\.num_layers: must be >= 1, got 0"),
         ("model.init.num_kv_heads=3", r"model\.init\.num_kv_heads: num_heads \(4\) must be a multiple"),
         ("model.init.hidden_size=big", r"model\.init\.hidden_size: expected an integer"),
+        ("model.init.hidden_size=30", r"model\.init\.head_dim: hidden_size \(30\) is not a multiple of num_heads"),
         ("model.init.init_std=0.1", r"model\.init\.init_std is not a key of model\.init; set model\.init_std"),
         ("model.init.param_dtype=bfloat16", r"model\.init\.param_dtype is not a key of model\.init; set model\.param_dtype"),
         ("model.init.remat=full", r"model\.init\.remat is not a key of model\.init; set model\.remat"),
