@@ -43,7 +43,7 @@ from focusft_jax.fast_weights import (
 )
 from focusft_jax.first_order import first_order_loss
 from focusft_jax.loss import LossTargets, batch_mean, loss_targets, per_example_ce
-from focusft_jax.model import ModelConfig, Params, embed, layer_slice, run_layers
+from focusft_jax.model import ModelConfig, Params, embed, run_layers
 
 META_GRADIENTS = ("first_order", "full")
 
@@ -183,7 +183,7 @@ def prepare(params: Params, batch: dict, cfg: ModelConfig, fcfg: FocusConfig) ->
     start = split_layer(cfg, fcfg)
     x = embed(cfg, params, batch["input_ids"])
     if start > 0:
-        x = run_layers(cfg, layer_slice(params["layers"], 0, start), x, positions, meta)
+        x = run_layers(cfg, params["layers"], x, positions, meta, hi=start)
     return StepContext(meta, positions, targets, x)
 
 
@@ -201,8 +201,7 @@ def top_loss(
     """Per-example masked CE through the top layers with fast weights `fast`.
     Returns (loss [B], has_tokens [B])."""
     start = split_layer(cfg, fcfg)
-    top = layer_slice(params["layers"], start, cfg.num_layers)
-    h = run_layers(cfg, top, ctx.bottom, ctx.positions, ctx.meta, fast, fcfg.fast_scale)
+    h = run_layers(cfg, params["layers"], ctx.bottom, ctx.positions, ctx.meta, lo=start, fast=fast, fast_scale=fcfg.fast_scale)
     return per_example_ce(cfg, params, h, ctx.targets)
 
 

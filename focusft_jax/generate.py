@@ -43,12 +43,12 @@ from focusft_jax.attention import AttnMeta, attention_meta
 from focusft_jax.model import (
     ModelConfig,
     Params,
-    decoder_layer,
     embed,
     final_norm,
     lm_logits,
     positions_from_mask,
-    rope_cos_sin,
+    run_layers,
+    split_layers,
 )
 
 PREFILL_ATTENTIONS = ("causal", "glm_bidir")
@@ -163,8 +163,8 @@ def generate_tokens(
 
     The cache holds P + max_new_tokens slots: one (k, v) pair of
     [B, P + N, Hkv, hd] per layer, in the compute dtype. Layers run unrolled
-    (one `model.decoder_layer` call each) so a decode step reads each layer's
-    weights and cache in place. Logits are float32 and computed only for the last
+    (`model.run_layers`' cache mode over `split_layers`) so a decode step
+    reads each layer's weights and cache in place. Logits are float32 and computed only for the last
     prompt position during prefill. Returns a `GenerateOutput`.
 
     Arguments are canonicalised (int32 ids, float32 sampling scalars, a
@@ -226,7 +226,7 @@ def _generate_jit(
 
     # Per-layer weights and caches, sliced once outside the decode loop, so
     # that no step copies a layer's weights or cache out of a stacked array.
-    layers = [jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(cfg.num_layers)]
+    layers = split_layers(params["layers"], cfg.num_layers)
     zeros = jnp.zeros((bsz, total, cfg.num_kv_heads, cfg.head_dim), cfg.dtype)
     caches = tuple((zeros, zeros) for _ in range(cfg.num_layers))
     decode_cfg = cfg.replace(attention_impl=DECODE_ATTENTION_IMPL)
@@ -236,12 +236,8 @@ def _generate_jit(
         attention implementation of `lcfg`; returns (final-normed hidden
         states of the last input position [B, D], caches)."""
         x = embed(cfg, params, tokens)
-        cos, sin = rope_cos_sin(cfg, positions)
-        new = []
-        for lp, (k, v) in zip(layers, caches):
-            x, side = decoder_layer(lcfg, lp, x, cos, sin, meta, kv=(k, v, index))
-            new.append(side["kv"])
-        return final_norm(cfg, params, x[:, -1]), tuple(new)
+        x, caches = run_layers(lcfg, layers, x, positions, meta, cache=(caches, index))
+        return final_norm(cfg, params, x[:, -1]), caches
 
     # ---- prefill: the whole prompt in one forward (cfg.attention_impl), writing cache slots 0..P-1
     meta = _prefill_meta(mask, prefill_attention)

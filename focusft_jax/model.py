@@ -20,15 +20,17 @@ and export are a name table and transposes:
     }
 
 Kernels are stored (in, out), the transpose of torch's Linear weight. Layers
-are stacked and run with `jax.lax.scan`, so compile time does not grow with
-depth; `remat` checkpoints each layer. Fast weights (transient LoRA, METHOD.md)
-enter through the optional `fast` argument of `run_layers`.
+are stacked; `run_layers` is the one runner of the stack (any range of layers
+[lo, hi), indexed in place, with fast weights, an attention probe, VJP tapes
+for the fused first_order engine, or a KV cache for generation). It runs the
+layers with `jax.lax.scan`, so compile time does not grow with depth, and
+`cfg.remat` sets what each layer's backward saves.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -240,11 +242,6 @@ def init_params(cfg: ModelConfig, rng: jax.Array, std: float = 0.02) -> Params:
         else:
             out.append((std * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
     return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def layer_slice(layers: Params, start: int, stop: int) -> Params:
-    """Layers start..stop-1 of a stacked layer pytree."""
-    return jax.tree.map(lambda x: x[start:stop], layers)
 
 
 # ---------------------------------------------------------------- building blocks
@@ -474,32 +471,205 @@ def remat_layer(cfg: ModelConfig, fn):
     return jax.checkpoint(fn, policy=policy)
 
 
+def layer_params(layers: Params, i) -> Params:
+    """Layer i (a Python or traced int) of a stacked layer pytree, read in
+    place (a dynamic index, never a slice of the stack)."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), layers)
+
+
+def split_layers(layers: Params, num_layers: int) -> list[Params]:
+    """The stacked layers as a list of per-layer pytrees (for `run_layers`'
+    KV-cache mode: a decode loop then reads each layer's weights in place)."""
+    return [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(num_layers)]
+
+
+class Tape(NamedTuple):
+    """VJP residuals of layers lo..hi-1 (`run_layers(tape=True)`), replayed by
+    `stack_backward`: `saved` (stacked over the layers) and the static recipe
+    that rebuilds a layer's VJP function from them and from what the
+    backward re-reads instead of saving (the layer's parameters, the rope,
+    the mask, its fast weights)."""
+
+    saved: tuple
+    recipe: tuple
+    treedef: Any
+
+
+def layer_fn(cfg: ModelConfig, fast_scale: float, query_index: jax.Array | None = None):
+    """One decoder layer as f(lp, x, (cos, sin, meta, fast)) -> x, checkpointed
+    per `cfg.remat`: the function whose VJP `run_layers(tape=True)` records.
+    With `query_index` [B, P] its output only at those positions."""
+
+    def layer(lp, x, inv):
+        cos, sin, meta, fl = inv
+        return decoder_layer(cfg, lp, x, cos, sin, meta, fl, fast_scale, query_index=query_index)[0]
+
+    return remat_layer(cfg, layer)
+
+
 def run_layers(
     cfg: ModelConfig,
     layers: Params,
     x: jax.Array,
-    positions: jax.Array,
+    positions: jax.Array | None,
     meta: AttnMeta,
+    *,
+    lo: int = 0,
+    hi: int | None = None,
     fast: Params | None = None,
     fast_scale: float = 1.0,
     probe=None,
+    tape: bool = False,
+    cache=None,
+    rope: tuple[jax.Array, jax.Array] | None = None,
 ):
-    """Runs a stack of layers (any contiguous slice of `params["layers"]`) with `lax.scan`.
+    """The decoder stack: layers lo..hi-1 (default all) of the full stack.
+    Training, the fused first_order engine, generation and diagnostics all
+    run the stack here.
 
-    x: [B, S, D]; positions: [B, S] int; meta: key ranges over S. fast:
-    optional fast weights stacked like the layers ({proj: {"A": [L, ...],
-    "B": [L, ...]}}), applied with `fast_scale` = alpha / rank. probe: see
-    `decoder_layer`. Returns x, or (x, per-layer probe outputs) with `probe`.
+    x: [B, S, D]; positions: [B, S] int (or None with `rope` = (cos, sin) of
+    them, `rope_cos_sin`); meta: key ranges of the S queries. fast: optional
+    fast weights stacked over the hi - lo layers ({proj: {"A": [n, ...],
+    "B": [n, ...]}}), applied with `fast_scale` = alpha / rank.
+
+    At most one of what a caller may ask for:
+    probe: fn(q, k, meta) -> pytree (see `decoder_layer`): returns
+        (x, per-layer probe outputs stacked over the layers).
+    tape: returns (x, Tape), the layers' VJP residuals for `stack_backward`
+        (reverse mode written out per layer: the fused engine's form).
+    cache: (kv, index), kv one (k, v) pair [B, T, Hkv, hd] per layer lo..hi-1:
+        this input is written at cache slots index..index+S-1 and attends
+        over all T slots (meta ranges over T); returns (x, new kv). The
+        layers run unrolled, and `layers` may be `split_layers`' list, so
+        that a decode loop reads each layer's weights and cache in place.
+    Otherwise returns x. The scan path is differentiable to any order in
+    reverse and forward mode; `cfg.remat` sets what its backward saves, and
+    `cfg.scan_layers = False` unrolls it.
     """
-    cos, sin = rope_cos_sin(cfg, positions)
+    hi = cfg.num_layers if hi is None else hi
+    if sum((probe is not None, tape, cache is not None)) > 1:
+        raise ValueError("run_layers: ask for at most one of probe, tape and cache")
+    cos, sin = rope_cos_sin(cfg, positions) if rope is None else rope
+
+    if cache is not None:
+        kv, index = cache
+        new = []
+        for n, i in enumerate(range(lo, hi)):
+            lp = layers[i] if isinstance(layers, (list, tuple)) else layer_params(layers, i)
+            fl = None if fast is None else jax.tree.map(lambda a: a[n], fast)
+            x, side = decoder_layer(cfg, lp, x, cos, sin, meta, fl, fast_scale, kv=(*kv[n], index))
+            new.append(side["kv"])
+        return x, tuple(new)
+
+    idx = jnp.arange(lo, hi, dtype=jnp.int32)
+    unroll = not cfg.scan_layers
+    if tape:
+        box = {}
+        f = layer_fn(cfg, fast_scale)
+
+        def body(h, xs):
+            i, fl = xs
+            lp = layer_params(layers, i)
+            inv = (cos, sin, meta, fl)
+            y, vjp = jax.vjp(f, lp, h, inv)
+            leaves, treedef = jax.tree.flatten(vjp)
+            # Residuals that are this layer's inputs (other than h) are re-read in
+            # the backward, not stacked (stacking the parameters would copy them).
+            known = {id(a): n for n, a in enumerate(jax.tree.leaves((lp, inv)))}
+            recipe, saved, pos = [], [], {}
+            for leaf in leaves:
+                if id(leaf) in known:
+                    recipe.append((True, known[id(leaf)]))
+                else:
+                    if id(leaf) not in pos:
+                        pos[id(leaf)] = len(saved)
+                        saved.append(leaf)
+                    recipe.append((False, pos[id(leaf)]))
+            box["recipe"], box["treedef"] = tuple(recipe), treedef
+            return y, tuple(saved)
+
+        x, saved = jax.lax.scan(body, x, (idx, fast), unroll=unroll)
+        return x, Tape(saved, box["recipe"], box["treedef"])
+
+    # Under autodiff, a sub-range is sliced out of the stack (a copy of its
+    # weights) rather than indexed in the loop: indexing measured worse for
+    # the `full` meta-gradient (+12% temp memory, every transposed loop then
+    # accumulates a whole [L] gradient) and within 2% for the rest. The
+    # tape path above indexes, since it writes its gradient rows itself.
+    whole = (lo, hi) == (0, cfg.num_layers)
+    stack = layers if whole else jax.tree.map(lambda a: a[lo:hi], layers)
+
+    def body(h, xs):
+        lp, fl = xs
+        h, side = decoder_layer(cfg, lp, h, cos, sin, meta, fl, fast_scale, probe=probe)
+        return h, side.get("probe")
+
+    x, probed = jax.lax.scan(remat_layer(cfg, body), x, (stack, fast), unroll=unroll)
+    return (x, probed) if probe is not None else x
+
+
+def stack_backward(
+    cfg: ModelConfig,
+    layers: Params,
+    dx: jax.Array,
+    tape: Tape,
+    positions: jax.Array | None,
+    meta: AttnMeta,
+    *,
+    lo: int = 0,
+    hi: int | None = None,
+    fast: Params | None = None,
+    grads: Params | None = None,
+    need_dx: bool = True,
+    rope: tuple[jax.Array, jax.Array] | None = None,
+):
+    """Reverse pass through layers hi-1..lo of `run_layers(..., tape=True)`.
+
+    dx: cotangent of the stack's output; positions / rope, meta, fast: as
+    given to the forward. grads: optional [L] parameter-gradient buffer
+    (like `layers`); layer i's gradient is written, in place, at row i.
+
+    need_dx=False: the cotangent of the stack's input is not wanted (e.g.
+    nothing below layer lo has fast weights), so layer lo's iteration takes
+    a branch without it and XLA drops what only that cotangent needed (with
+    the FFN fast-weight targets, the whole attention backward of layer lo).
+    A branch inside the loop rather than layer lo peeled off after it: XLA
+    would run a peeled layer's rematerialised forward before the loop and
+    hold its buffers through it. What no caller uses (e.g. the base-weight
+    gradient when only the fast weights' is read) is never computed: XLA
+    drops it from the loop body.
+
+    Returns (dx of the stack's input (zeros with need_dx=False), grads, the
+    fast-weight gradient stacked like `fast` (None without fast weights)).
+    """
+    hi = cfg.num_layers if hi is None else hi
+    cos, sin = rope_cos_sin(cfg, positions) if rope is None else rope
 
     def body(carry, xs):
-        lp, fl = xs
-        x, side = decoder_layer(cfg, lp, carry, cos, sin, meta, fl, fast_scale, probe=probe)
-        return x, side.get("probe")
+        d, g = carry
+        i, fl = xs
+        lp = layer_params(layers, i)
+        saved = [jax.lax.dynamic_index_in_dim(a, i - lo, 0, keepdims=False) for a in tape.saved]
+        known = jax.tree.leaves((lp, (cos, sin, meta, fl)))
+        leaves = [known[n] if is_known else saved[n] for is_known, n in tape.recipe]
+        vjp = jax.tree.unflatten(tape.treedef, leaves)
 
-    x, probed = jax.lax.scan(remat_layer(cfg, body), x, (layers, fast), unroll=not cfg.scan_layers)
-    return (x, probed) if probe is not None else x
+        def full(d):
+            dlp, d, dinv = vjp(d)
+            return d, dlp, (None if fl is None else dinv[3])
+
+        def without_dx(d):
+            dlp, _, dinv = vjp(d)
+            return jnp.zeros_like(d), dlp, (None if fl is None else dinv[3])
+
+        d, dlp, dfl = full(d) if need_dx else jax.lax.cond(i == lo, without_dx, full, d)
+        if g is not None:
+            g = jax.tree.map(lambda buf, v: jax.lax.dynamic_update_index_in_dim(buf, v.astype(buf.dtype), i, 0), g, dlp)
+        return (d, g), dfl
+
+    idx = jnp.arange(lo, hi, dtype=jnp.int32)
+    (dx, grads), dfast = jax.lax.scan(body, (dx, grads), (idx, fast), reverse=True, unroll=not cfg.scan_layers)
+    return dx, grads, dfast
 
 
 def embed(cfg: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
@@ -538,10 +708,10 @@ def forward(
     if fast is None:
         x = run_layers(cfg, params["layers"], x, positions, meta)
     else:
-        n = jax.tree.leaves(fast)[0].shape[0]
-        start = cfg.num_layers - n
-        x = run_layers(cfg, layer_slice(params["layers"], 0, start), x, positions, meta)
-        x = run_layers(cfg, layer_slice(params["layers"], start, cfg.num_layers), x, positions, meta, fast, fast_scale)
+        start = cfg.num_layers - jax.tree.leaves(fast)[0].shape[0]
+        rope = rope_cos_sin(cfg, positions)
+        x = run_layers(cfg, params["layers"], x, None, meta, hi=start, rope=rope)
+        x = run_layers(cfg, params["layers"], x, None, meta, lo=start, fast=fast, fast_scale=fast_scale, rope=rope)
     return lm_logits(cfg, params, final_norm(cfg, params, x))
 
 
