@@ -11,6 +11,7 @@ previous or the new complete directory (save_hf, recover_export).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -418,6 +419,13 @@ def recover_export(out_dir: str | os.PathLike) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _export_owns(name: str) -> bool:
+    """A file name save_hf writes (or a stale one of an earlier export: other shard counts)."""
+    return fnmatch.fnmatch(name, "model*.safetensors") or name in (
+        "model.safetensors.index.json", "config.json", "generation_config.json", *TOKENIZER_FILES
+    )
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -447,8 +455,10 @@ def save_hf(
     `.NAME.tmp-PID`, then swapped in (old directory renamed to `.NAME.old`,
     new one renamed into place, backup deleted), so a kill at any point leaves
     either the previous or the new complete export (recover_export, run first
-    here, puts a killed swap right). An existing `out_dir` is replaced as a
-    whole (stale shards go with it); it must be empty or an export.
+    here, puts a killed swap right). In an existing `out_dir` (empty, an
+    export or a tokenizer directory), the files an export writes are all
+    replaced (stale shards and tokenizer files go) and other entries are
+    copied into the new directory.
     """
     out = Path(out_dir)
     if out.is_symlink():  # swap the directory it points to, not the link
@@ -457,12 +467,11 @@ def save_hf(
         raise CheckpointError(f"{out}: exists and is not a directory; cannot export a model there")
     out.parent.mkdir(parents=True, exist_ok=True)
     recover_export(out)
-    if out.is_dir() and any(out.iterdir()) and not (
-        (out / "config.json").exists() or any(out.glob("model*.safetensors"))
-    ):
+    present = [p.name for p in out.iterdir()] if out.is_dir() else []
+    if present and not any(_export_owns(name) for name in present):
         raise CheckpointError(
-            f"{out}: is a non-empty directory that is not a model export; the export replaces its "
-            "directory as a whole, so pass an empty or new directory"
+            f"{out}: is a non-empty directory that is neither a model export nor a tokenizer directory; "
+            "the export swaps its directory as a whole, so pass an empty or new directory"
         )
     backup, tmp_prefix = _export_siblings(out)
     tmp = Path(f"{tmp_prefix}{os.getpid()}")
@@ -471,9 +480,17 @@ def save_hf(
     tmp.mkdir()
     try:
         _write_hf_dir(tmp, cfg, params, hf_config, tokenizer_dir, max_shard_bytes, generation_config)
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
+        for name in present:  # what others put in the directory stays; stale export files do not
+            if not _export_owns(name) and not (tmp / name).exists():
+                if (out / name).is_dir() and not (out / name).is_symlink():
+                    shutil.copytree(out / name, tmp / name, symlinks=True)
+                else:
+                    shutil.copy2(out / name, tmp / name, follow_symlinks=False)
+        for root, dirs, files in os.walk(tmp):
+            for name in files:
+                if not os.path.islink(os.path.join(root, name)):
+                    _fsync(Path(root, name))
+            _fsync(Path(root))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

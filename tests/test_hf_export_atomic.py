@@ -49,12 +49,26 @@ def test_export_over_an_export_replaces_it_and_drops_stale_shards(tmp_path):
     old, new = _params(0), _params(1)
     hf.save_hf(out, CFG, old, max_shard_bytes=2_000)
     assert len(list(out.glob("model-*.safetensors"))) > 3
-    (out / "stale.txt").write_text("from the old export")
+    (out / "merges.txt").write_text("a tokenizer file of the old export")
+    (out / "notes.txt").write_text("someone else's")
+    (out / "eval").mkdir()
+    (out / "eval" / "results.json").write_text("{}")
     hf.save_hf(out, CFG, new)
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model-00001-of-00001.safetensors"]
-    assert not (out / "stale.txt").exists()
+    assert not (out / "merges.txt").exists()  # export files are the new export's only
+    assert (out / "notes.txt").read_text() == "someone else's"  # other entries are carried over
+    assert (out / "eval" / "results.json").read_text() == "{}"
     assert _same(out, new)
     assert _siblings(out) == []  # no backup, no temporary directory
+
+
+def test_export_into_its_own_tokenizer_directory(tmp_path):
+    d = tmp_path / "tok"
+    d.mkdir()
+    (d / "tokenizer.json").write_text('{"version": "1.0"}')
+    hf.save_hf(d, CFG, _params(0), tokenizer_dir=d)
+    assert (d / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    assert _same(d, _params(0))
 
 
 def test_failed_export_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -132,7 +146,7 @@ def test_export_refuses_to_replace_a_directory_that_is_not_an_export(tmp_path):
     d = tmp_path / "notes"
     d.mkdir()
     (d / "thesis.tex").write_text("keep me")
-    with pytest.raises(hf.CheckpointError, match="not a model export"):
+    with pytest.raises(hf.CheckpointError, match="neither a model export nor a tokenizer directory"):
         hf.save_hf(d, CFG, _params(0))
     assert (d / "thesis.tex").read_text() == "keep me"
 
