@@ -29,7 +29,7 @@ from focusft_jax.checkpoint import Checkpointer, abstract_like
 from focusft_jax.config import ConfigError, dump_config, load_config
 from focusft_jax.data import ChatLoader, DataError
 from focusft_jax.diagnostics import attention_diagnostics
-from focusft_jax.hf import CheckpointError, save_hf
+from focusft_jax.hf import CheckpointError, recover_export, save_hf
 from focusft_jax.metrics_log import MetricsLogger
 from focusft_jax.model import logical_axes
 from focusft_jax.optim import make_optimizer
@@ -47,6 +47,8 @@ def train(cfg, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     maybe_initialize_distributed(cfg.mesh.distributed)
     main_process = jax.process_index() == 0
+    if main_process:  # an export killed mid-swap: put the previous good one back under hf/
+        recover_export(out / "hf")
     if main_process:
         dump_config(cfg, out / "config.yaml")
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from eval import babilong_data as data
-from eval.cli import add_model_options, add_run_options, parse_list, run_cli
+from eval.cli import add_model_options, add_run_options, parse_list, positive_int, run_cli
 from eval.errors import EvalError
 from eval.heatmap import write_heatmap
 from eval.jsonio import write_json, write_jsonl
@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", default="hub", help="hub | PATH (local snapshot of the dataset) | generate")
     ap.add_argument("--dataset", default="RMT-team/babilong", help="hub dataset id (with --data hub)")
     ap.add_argument("--revision", default=None, help="hub dataset revision (default: main, the commit is recorded)")
-    ap.add_argument("--samples", type=int, default=None, help="samples per task and length (default: all; 100 when generating)")
+    ap.add_argument("--samples", type=positive_int, default=None, help="samples per task and length (default: all; 100 when generating)")
     ap.add_argument("--corpus", default=None, help="directory of plain-text books for --data generate (default: built-in filler)")
     ap.add_argument("--budget-tokenizer", default=None, help="tokenizer (dir or tokenizer.json) for the generated context budget (default GPT-2 if cached, else an approximation)")
     ap.add_argument("--prompt-parts", default=",".join(PROMPT_PARTS), help="any of instruction,examples,post_prompt ('' for none)")

@@ -37,6 +37,17 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-progress", action="store_true")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse reports anything else as a usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_list(text: str | None, allowed: Sequence[str] | None = None, what: str = "value") -> list[str]:
     """Comma-separated list; checks membership when `allowed` is given."""
     if text is None:

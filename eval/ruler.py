@@ -39,7 +39,7 @@ from typing import Callable, Mapping, Sequence
 
 from eval import ruler_data as rd
 from eval import wordlists
-from eval.cli import add_model_options, add_run_options, parse_list, run_cli
+from eval.cli import add_model_options, add_run_options, parse_list, positive_int, run_cli
 from eval.errors import EvalError
 from eval.jsonio import read_jsonl, write_json, write_jsonl
 from eval.manifest import files_digest, make_manifest
@@ -249,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated token budgets (default the official 4096..131072); any positive count is "
         "accepted, e.g. 1024 for smoke tests, but only the official lengths compare with published numbers",
     )
-    ap.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="samples per task and length")
+    ap.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES, help="samples per task and length")
     ap.add_argument("--corpus", default=None, help="directory of *.txt for the essay haystack")
     ap.add_argument("--squad", default=None, help="SQuAD v2 dev json (qa_1)")
     ap.add_argument("--hotpotqa", default=None, help="HotpotQA dev-distractor json (qa_2)")

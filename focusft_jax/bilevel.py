@@ -78,6 +78,10 @@ class FocusConfig:
             raise ConfigError(f"rank: must be >= 1, got {self.rank}")
         if self.inner_clip <= 0:
             raise ConfigError(f"inner_clip: must be > 0, got {self.inner_clip}")
+        if not self.alpha > 0:
+            raise ConfigError(f"alpha: must be > 0 (the fast weights' scale is alpha / rank), got {self.alpha}")
+        if not self.inner_lr >= 0:
+            raise ConfigError(f"inner_lr: must be >= 0, got {self.inner_lr}")
         for key, allowed in (("scope", SCOPES), ("meta_gradient", META_GRADIENTS), ("attention", ATTENTION_KINDS)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}: expected one of {list(allowed)}, got {getattr(self, key)!r}")

@@ -9,6 +9,7 @@ naming the key and what is allowed, before anything is computed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -77,7 +78,7 @@ class OptimSection:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # global gradient-norm clip; 0: off
 
 
 @dataclasses.dataclass
@@ -182,6 +183,13 @@ def _coerce(value: Any, tp, key: str, outer: list[str] = ()):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-3 (no dot) as a string; users mean a number
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if number is not None and math.isfinite(number):
+                return number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -309,11 +317,22 @@ def validate(cfg: Config) -> None:
     # the fraction (METHOD.md), a config file must not rely on that.
     if not 0.0 <= cfg.method.fraction <= 1.0:
         raise ConfigError(f"method.fraction: must be in [0, 1], got {cfg.method.fraction}")
-    o = cfg.optim
-    if o.lr <= 0:
+    o = cfg.optim  # written so that NaN fails too
+    if not o.lr > 0:
         raise ConfigError(f"optim.lr: must be > 0, got {o.lr}")
     if not 0.0 <= o.warmup_ratio < 1.0:
         raise ConfigError(f"optim.warmup_ratio: must be in [0, 1), got {o.warmup_ratio}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio: must be in [0, 1] (a fraction of optim.lr), got {o.min_lr_ratio}")
+    if not o.weight_decay >= 0:
+        raise ConfigError(f"optim.weight_decay: must be >= 0, got {o.weight_decay}")
+    for key in ("b1", "b2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            raise ConfigError(f"optim.{key}: must be in [0, 1), got {getattr(o, key)}")
+    if not o.eps > 0:
+        raise ConfigError(f"optim.eps: must be > 0, got {o.eps}")
+    if not o.grad_clip >= 0:
+        raise ConfigError(f"optim.grad_clip: must be >= 0 (0 turns clipping off), got {o.grad_clip}")
     t = cfg.train
     if t.batch_size < 1 or t.micro_batch_size < 1 or t.batch_size % t.micro_batch_size:
         raise ConfigError(

@@ -6,10 +6,12 @@ are refused, and no remote code is ever run. Export writes a directory that
 `transformers.AutoModelForCausalLM.from_pretrained` loads with no missing or
 unexpected keys: config.json, safetensors shards with an index,
 generation_config.json, and the tokenizer files and chat template copied
-from the source.
+from the source. The export is atomic: a kill at any point leaves the
+previous or the new complete directory (save_hf, recover_export).
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
@@ -370,6 +372,68 @@ def _to_hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
     return out
 
 
+def _export_siblings(out: Path) -> tuple[Path, Path]:
+    """(backup, tmp prefix) of export directory `out`: hidden siblings in the
+    same parent, so each rename stays on one filesystem."""
+    return out.parent / f".{out.name}.old", out.parent / f".{out.name}.tmp-"
+
+
+def _is_complete_export(d: Path) -> bool:
+    """config.json and every weight file its index (or the directory) names."""
+    if not (d / "config.json").is_file():
+        return False
+    try:
+        _weight_files(d)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_export(out_dir: str | os.PathLike) -> None:
+    """Repairs what an export killed part way (see save_hf) left next to
+    `out_dir`: a backup of the previous export is put back when `out_dir` is
+    missing and the backup is complete, and removed otherwise (the swap had
+    finished, or it is not a loadable export); temporary directories of dead
+    exporting processes are removed. Idempotent; a no-op after a clean export."""
+    out = Path(out_dir)
+    backup, tmp_prefix = _export_siblings(out)
+    if backup.is_dir():
+        if not out.exists() and _is_complete_export(backup):
+            os.replace(backup, out)  # killed between the two renames: the previous good export
+        else:
+            shutil.rmtree(backup)
+    if out.parent.is_dir():
+        for tmp in out.parent.glob(f"{tmp_prefix.name}*"):
+            pid = tmp.name[len(tmp_prefix.name):]
+            if not (pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid))):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _export_owns(name: str) -> bool:
+    """A file name save_hf writes (or a stale one of an earlier export: other shard counts)."""
+    return fnmatch.fnmatch(name, "model*.safetensors") or name in (
+        "model.safetensors.index.json", "config.json", "generation_config.json", *TOKENIZER_FILES
+    )
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_hf(
     out_dir: str | os.PathLike,
     cfg: ModelConfig,
@@ -386,16 +450,80 @@ def save_hf(
     hf_config: the imported config.json, whose extra keys (token ids, ...)
     are kept. tokenizer_dir: the directory whose tokenizer files and chat
     template are copied along. Tensors are written in cfg.param_dtype.
+
+    Atomic: the whole directory is written and fsynced in a hidden sibling
+    `.NAME.tmp-PID`, then swapped in (old directory renamed to `.NAME.old`,
+    new one renamed into place, backup deleted), so a kill at any point leaves
+    either the previous or the new complete export (recover_export, run first
+    here, puts a killed swap right). In an existing `out_dir` (empty, an
+    export or a tokenizer directory), the files an export writes are all
+    replaced (stale shards and tokenizer files go) and other entries are
+    copied into the new directory.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_symlink():  # swap the directory it points to, not the link
+        out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory; cannot export a model there")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover_export(out)
+    present = [p.name for p in out.iterdir()] if out.is_dir() else []
+    if present and not any(_export_owns(name) for name in present):
+        raise CheckpointError(
+            f"{out}: is a non-empty directory that is neither a model export nor a tokenizer directory; "
+            "the export swaps its directory as a whole, so pass an empty or new directory"
+        )
+    backup, tmp_prefix = _export_siblings(out)
+    tmp = Path(f"{tmp_prefix}{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        _write_hf_dir(tmp, cfg, params, hf_config, tokenizer_dir, max_shard_bytes, generation_config)
+        for name in present:  # what others put in the directory stays; stale export files do not
+            if not _export_owns(name) and not (tmp / name).exists():
+                if (out / name).is_dir() and not (out / name).is_symlink():
+                    shutil.copytree(out / name, tmp / name, symlinks=True)
+                else:
+                    shutil.copy2(out / name, tmp / name, follow_symlinks=False)
+        for root, dirs, files in os.walk(tmp):
+            for name in files:
+                if not os.path.islink(os.path.join(root, name)):
+                    _fsync(Path(root, name))
+            _fsync(Path(root))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        os.replace(out, backup)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if backup.exists() and not out.exists():
+            os.replace(backup, out)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(out.parent)
+    shutil.rmtree(backup, ignore_errors=True)
+    return out
+
+
+def _write_hf_dir(
+    out: Path,
+    cfg: ModelConfig,
+    params: Params,
+    hf_config: dict[str, Any] | None,
+    tokenizer_dir: str | os.PathLike | None,
+    max_shard_bytes: int,
+    generation_config: dict[str, Any] | None,
+) -> None:
+    """save_hf's files, into the (empty, temporary) directory `out`. A
+    tokenizer_dir that is the export being replaced is still there to read."""
     base = dict(hf_config or {})
     config = config_to_hf(cfg, base)
     tensors = _to_hf_tensors(cfg, params)
     np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
     tensors = {k: v.astype(np_dtype) for k, v in tensors.items()}
-    for old in out.glob("model*.safetensors"):
-        old.unlink()
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name in tensors:
@@ -426,9 +554,8 @@ def save_hf(
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
     if src is not None:
         for name in TOKENIZER_FILES:
-            if (src / name).exists() and (src / name).resolve() != (out / name).resolve():
+            if (src / name).exists():
                 shutil.copyfile(src / name, out / name)
-    return out
 
 
 def export_model(model: HFModel, out_dir: str | os.PathLike, params: Params | None = None, **kw) -> Path:

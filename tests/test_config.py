@@ -60,11 +60,34 @@ def test_defaults_and_overrides(tmp_path):
         ("model.init.scan_layers=false", r"unknown key model\.init\.scan_layers; allowed keys in model\.init"),
         ("model.init.rope_scaling=[]", r"unknown key model\.init\.rope_scaling"),
         ("optim", "expected KEY=VALUE"),
+        # Accepted before and silently wrong (issue 11, item 6):
+        ("optim.weight_decay=-0.1", r"optim\.weight_decay: must be >= 0, got -0\.1"),
+        ("optim.b1=1.0", r"optim\.b1: must be in \[0, 1\), got 1\.0"),
+        ("optim.b2=-0.5", r"optim\.b2: must be in \[0, 1\)"),
+        ("optim.eps=0", r"optim\.eps: must be > 0, got 0"),
+        ("optim.min_lr_ratio=1.5", r"optim\.min_lr_ratio: must be in \[0, 1\]"),
+        ("optim.min_lr_ratio=-0.1", r"optim\.min_lr_ratio: must be in \[0, 1\]"),
+        ("optim.warmup_ratio=-0.1", r"optim\.warmup_ratio: must be in \[0, 1\)"),
+        ("optim.grad_clip=-1", r"optim\.grad_clip: must be >= 0 \(0 turns clipping off\)"),
+        ("optim.lr=0", r"optim\.lr: must be > 0"),
+        ("optim.lr=.nan", r"optim\.lr: must be > 0, got nan"),
+        ("optim.lr=nan", r"optim\.lr: expected a number, got 'nan'"),
+        ("method.alpha=0", r"method\.alpha: must be > 0"),
+        ("method.inner_lr=-1", r"method\.inner_lr: must be >= 0, got -1"),
     ],
 )
 def test_bad_configs_are_named(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(_write(tmp_path, MINIMAL), [override])
+
+
+def test_yaml_exponent_without_a_dot_is_a_float(tmp_path):
+    """YAML 1.1 reads 2e-3 (no dot) as a string; in a float field it is the number, as with --set."""
+    cfg = load_config(_write(tmp_path, MINIMAL + "optim:\n  lr: 2e-3\n  eps: 1E-6\nmethod:\n  inner_lr: 5e-1\n"))
+    assert cfg.optim.lr == 2e-3 and cfg.optim.eps == 1e-6 and cfg.method.inner_lr == 0.5
+    assert isinstance(cfg.optim.lr, float)
+    assert load_config(_write(tmp_path, MINIMAL), ["optim.lr=2e-3"]).optim.lr == 2e-3
+    assert load_config(_write(tmp_path, MINIMAL), ["optim.grad_clip=0"]).optim.grad_clip == 0.0  # off
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

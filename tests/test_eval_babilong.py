@@ -468,6 +468,19 @@ def test_cli_prompts_only_local_and_errors(tmp_path, capsys):
     assert "--checkpoint" in err and "qa99" in err
 
 
+@pytest.mark.parametrize("tool", ["babilong", "ruler"])
+@pytest.mark.parametrize("samples", ["0", "-3", "many"])
+def test_cli_samples_below_one_is_a_usage_error(tool, samples, capsys):
+    from eval import ruler
+
+    parser = {"babilong": bl, "ruler": ruler}[tool].build_parser()
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args(["--out", "x", "--samples", samples])
+    assert e.value.code == 2
+    assert "argument --samples:" in capsys.readouterr().err
+    assert parser.parse_args(["--out", "x", "--samples", "1"]).samples == 1
+
+
 def _write_official_csv(path: Path, rows):
     with path.open("w", newline="") as f:
         w = csv.writer(f)
