@@ -213,17 +213,16 @@ def prepare(cfg: Config, out: Path, log=print, main_process: bool = True) -> int
                     f"recorded in {out / 'config_history.jsonl'}")
         return steps[-1]
     previous = [name for name in PREVIOUS_RUN if _nonempty(out / name)]
-    if not previous:
-        return None
-    if not cfg.train.overwrite:
+    if previous and not cfg.train.overwrite:
         raise ConfigError(
             f"{out} holds a previous run ({', '.join(previous)}) and checkpoint.resume is false: starting here "
             "would delete its newest checkpoints and mix both runs' metrics. Set a new train.output_dir, "
             "resume it (checkpoint.resume: true), or set train.overwrite: true to remove the previous run's files"
         )
-    if main_process:
+    if cfg.train.overwrite and main_process:  # also a failed start's config.yaml and built tokenizer
         removed = _clean(cfg, out, log)
-        log(f"train.overwrite: removed the previous run in {out} ({', '.join(removed)}); other files kept")
+        if removed:
+            log(f"train.overwrite: removed the previous run in {out} ({', '.join(removed)}); other files kept")
     return None
 
 

@@ -115,3 +115,14 @@ def test_overwrite_removes_the_trainers_files_only(tmp_path):
     left = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
     assert left == ["data", "data/mine.jsonl", "notes.txt"]
     assert any("removed the previous run" in m for m in logs)
+
+
+def test_overwrite_keeps_what_the_config_reads(tmp_path):
+    out = _previous_run(tmp_path)
+    (out / "hf").mkdir()
+    (out / "hf" / "model.safetensors").write_text("x")
+    logs = []
+    cfg = _cfg(tmp_path, "checkpoint.resume=false", "train.overwrite=true", f"model.path={out / 'hf'}")
+    run_dir.prepare(cfg, out, log=logs.append)
+    assert (out / "hf" / "model.safetensors").exists() and not (out / "checkpoints").exists()
+    assert any("kept" in m and "reads from it" in m for m in logs)
