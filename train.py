@@ -6,7 +6,8 @@ Reads the config, builds the tokenizer, model, data, mesh and optimizer,
 resumes from the newest checkpoint in the output directory if there is one,
 trains, and leaves:
 
-    OUTPUT_DIR/config.yaml      the resolved config
+    OUTPUT_DIR/config.yaml      the resolved config (written after the directory is checked)
+    OUTPUT_DIR/config_history.jsonl  config changes accepted on resuming (train.allow_config_change)
     OUTPUT_DIR/checkpoints/     orbax training checkpoints (params, optimizer, data position)
     OUTPUT_DIR/hf/              the Hugging Face export (base model + tokenizer, no fast weights)
     OUTPUT_DIR/metrics.jsonl    one line per logged step
@@ -24,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from focusft_jax import setup
+from focusft_jax import run_dir, setup
 from focusft_jax.checkpoint import Checkpointer, abstract_like
 from focusft_jax.config import ConfigError, dump_config, load_config
 from focusft_jax.data import ChatLoader, DataError
@@ -49,6 +50,13 @@ def train(cfg, log=print) -> dict:
     main_process = jax.process_index() == 0
     if main_process:  # an export killed mid-swap: put the previous good one back under hf/
         recover_export(out / "hf")
+    # Before anything is written: a resume must match the directory's config,
+    # a fresh start must not land on a previous run (focusft_jax/run_dir.py).
+    run_dir.prepare(cfg, out, log, main_process=main_process)
+    if jax.process_count() > 1:  # the other hosts wait for train.overwrite's cleaning
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("focusft_run_dir")
     if main_process:
         dump_config(cfg, out / "config.yaml")
 

@@ -89,6 +89,12 @@ class TrainSection:
     batch_size: int = 8  # examples per optimizer step (global)
     micro_batch_size: int = 8  # examples per forward/backward (global); accumulation = batch/micro
     seed: int = 0
+    # Reusing an output directory (focusft_jax/run_dir.py): keys whose change
+    # from the directory's config.yaml a resume accepts deliberately (recorded
+    # in config_history.jsonl), and whether checkpoint.resume: false may wipe
+    # the previous run's files there.
+    allow_config_change: list[str] = dataclasses.field(default_factory=list)
+    overwrite: bool = False
 
 
 @dataclasses.dataclass
@@ -231,6 +237,19 @@ def config_keys(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.metadata.get("config", True)]
 
 
+def is_config_key(dotted: str, cls=None) -> bool:
+    """Whether `dotted` (e.g. "optim.lr", "model.init.hidden_size" or a whole
+    section, "optim") names a key or section a YAML config may set."""
+    tp = Config if cls is None else cls
+    for part in dotted.split("."):
+        while typing.get_origin(tp) in (Union, types.UnionType):  # Optional[Section]
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        if not dataclasses.is_dataclass(tp) or part not in config_keys(tp):
+            return False
+        tp = typing.get_type_hints(tp)[part]
+    return bool(dotted)
+
+
 def to_dict(cfg) -> dict:
     """The config as plain YAML-writable data (tuples as lists), keeping only
     the keys the YAML may set."""
@@ -275,20 +294,26 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def read_yaml_sections(path: str | Path) -> dict:
+    """A config file's mapping of sections, as plain YAML data."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Reads a YAML config (or the defaults when path is None), applies
     'section.key=value' overrides, validates, and returns a Config."""
     data: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{p}: expected a mapping of sections, got {type(data).__name__}")
+        if not Path(path).exists():
+            raise ConfigError(f"config file {path} does not exist")
+        data = read_yaml_sections(path)
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(data, key, value)
@@ -343,6 +368,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_steps: must be >= 1, got {t.max_steps}")
     if t.epochs < 1:
         raise ConfigError(f"train.epochs: must be >= 1, got {t.epochs}")
+    for key in t.allow_config_change:
+        if not is_config_key(key):
+            raise ConfigError(
+                f"train.allow_config_change: {key!r} is not a config key (give dotted keys, e.g. optim.lr)"
+            )
+    if t.overwrite and cfg.checkpoint.resume:
+        raise ConfigError(
+            "train.overwrite: true starts the output directory afresh, which needs checkpoint.resume: false "
+            "(set both, or drop train.overwrite to resume)"
+        )
     sizes = {a: getattr(cfg.mesh, a) for a in ("data", "fsdp", "tensor")}
     for axis, size in sizes.items():
         if size == 0 or size < -1:
