@@ -51,9 +51,10 @@ META_GRADIENTS = ("first_order", "full")
 @dataclasses.dataclass(frozen=True)
 class FocusConfig:
     """Static settings of the method (METHOD.md defaults). Also the YAML
-    `method:` section itself (config.py builds it from the field types; a
-    field with metadata {"config": False} is not a YAML key); an impossible
-    value raises ConfigError naming the field."""
+    `method:` section itself (config.py builds it from the field types); an
+    impossible value raises ConfigError naming the field. The number of
+    scored positions is not a setting: it is a shape of the batch (its
+    loss_index / loss_target / loss_weight keys, `loss.loss_targets`)."""
 
     num_inner_steps: int = 2
     inner_lr: float = 1.0
