@@ -12,8 +12,7 @@ cost: for SFT (causal), SFT (glm_bidir), FocuSFT first_order and FocuSFT
     (`focusft_jax.flops`: `step_flops` of the step, `forward_flops` of one
     forward with the variant's mask as the fused step runs it, the last layer
     and the LM head at the scored positions only, on the exact workload of
-    the batch:
-    its attention ranges and its scored positions; XLA's cost analysis counts
+    the batch: its attention ranges and its scored positions; XLA's cost analysis counts
     a loop body once, so it cannot count scanned layers or the blockwise
     attention's loops), XLA temporary bytes (memory analysis of the program
     that training runs, layers scanned) and median wall seconds of the jitted
