@@ -221,7 +221,8 @@ def _per_example(mask: jax.Array, leaf: jax.Array, scope: str) -> jax.Array:
 def inner_update(fcfg: FocusConfig, opt, state, phi: Params, grads: Params, loss: jax.Array, has: jax.Array):
     """One clipped-SGD step of the inner loop from the gradient `grads` of the
     inner objective at `phi` (per-example losses `loss` [B], `has` [B]).
-    Returns (phi', state', mean inner loss, skipped count)."""
+    Returns (phi', state', mean inner loss, skipped count); the mean is over
+    the examples with loss tokens and a finite loss, NaN when there are none."""
     per_example = fcfg.scope == "per_example"
     updates, state = opt.update(grads, state, phi)
     new_phi = optax.apply_updates(phi, updates)
@@ -232,7 +233,10 @@ def inner_update(fcfg: FocusConfig, opt, state, phi: Params, grads: Params, loss
     if not per_example:
         finite = jnp.all(finite)
     phi = jax.tree.map(lambda new, old: jnp.where(_per_example(finite, new, fcfg.scope), new, old), new_phi, phi)
-    mean = batch_mean(jnp.where(jnp.isfinite(loss), loss, 0.0), has & jnp.isfinite(loss))
+    # Mean over the examples with a finite loss; NaN (logged as missing, not
+    # as a loss of 0) when there is none.
+    counted = has & jnp.isfinite(loss)
+    mean = jnp.where(jnp.any(counted), batch_mean(jnp.where(counted, loss, 0.0), counted), jnp.nan)
     skipped = jnp.sum(~finite & has) if per_example else (~finite).astype(jnp.int32)
     return phi, state, mean, skipped
 

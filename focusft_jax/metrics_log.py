@@ -10,7 +10,9 @@ import numpy as np
 
 
 def _plain(value: Any) -> Any:
-    """JSON-safe scalars and lists from numpy / jax values."""
+    """JSON-safe scalars and lists from numpy / jax values (non-finite: None)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
     arr = np.asarray(value)
     if arr.ndim == 0:
         v = arr.item()

@@ -95,6 +95,28 @@ def build_dataset(cfg, tokenizer, log, builtin: Path | None) -> ChatDataset:
     return ds
 
 
+def write_skipped_rows(out: Path, stats) -> Path:
+    """OUTPUT_DIR/skipped_rows.jsonl: one {file, line | row, reason, problem}
+    per training row skipped (data.on_bad_row: skip); empty when none was."""
+    import json
+
+    path = Path(out) / "skipped_rows.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in stats.skipped_rows))
+    tmp.replace(path)
+    return path
+
+
+def data_metrics(stats) -> dict:
+    """The data's counts, for the first metrics.jsonl row a run logs."""
+    return {
+        "data_rows": stats.rows,
+        "data_examples": stats.examples,
+        "data_skipped_rows": stats.skipped_total,
+        "data_skipped_by_reason": dict(stats.skipped),
+    }
+
+
 def build_model(cfg, tokenizer) -> tuple[ModelConfig, Params, dict]:
     """(model config, params, HF config dict) from model.path or model.init,
     with the model section's numerics (dtypes, attention, remat) applied."""
@@ -138,7 +160,8 @@ def postfix(row: dict) -> dict:
     out = {"loss": f"{row['loss']:.4f}" if row.get("loss") is not None else "nan"}
     inner = row.get("inner_losses") or []
     if inner:
-        out["inner"] = "/".join(f"{x:.3f}" if x is not None else "nan" for x in inner)
+        # "-": an inner step no example had a finite loss in (null in metrics.jsonl)
+        out["inner"] = "/".join(f"{x:.3f}" if x is not None else "-" for x in inner)
     if row.get("tokens_per_s"):
         out["tok/s"] = f"{row['tokens_per_s']:.0f}"
     return out

@@ -55,18 +55,23 @@ def train_step(
     num_micro = batch["input_ids"].shape[0]
 
     def micro(carry, xs):
-        g_sum, loss_sum, n_sum, inner_sum = carry
+        g_sum, loss_sum, n_sum, inner_sum, inner_n = carry
         mb, a = xs
         (loss, aux), g = grad_fn(state.params, mb, jax.random.fold_in(rng, a), cfg, fcfg)
         n = aux["examples"].astype(jnp.float32)
         g_sum = jax.tree.map(lambda s, x: s + n * x.astype(jnp.float32), g_sum, g)
-        inner = aux["inner_losses"] * n
+        # A micro-batch's inner loss is NaN where none of its examples had a
+        # finite one: it is left out of the step's mean, not counted as 0.
+        counted = jnp.isfinite(aux["inner_losses"]) & (n > 0)
+        inner = jnp.where(counted, aux["inner_losses"] * n, 0.0)
+        inner_n = inner_n + jnp.where(counted, n, 0.0)
         stats = (aux["loss_tokens"], aux["dropped_tokens"], jnp.sum(aux["inner_skipped"]))
-        return (g_sum, loss_sum + n * loss, n_sum + n, inner_sum + inner), stats
+        return (g_sum, loss_sum + n * loss, n_sum + n, inner_sum + inner, inner_n), stats
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-    init = (zeros, jnp.zeros(()), jnp.zeros(()), jnp.zeros((fcfg.num_inner_steps,)))
-    (g_sum, loss_sum, n_sum, inner_sum), stats = jax.lax.scan(
+    k_zeros = jnp.zeros((fcfg.num_inner_steps,))
+    init = (zeros, jnp.zeros(()), jnp.zeros(()), k_zeros, k_zeros)
+    (g_sum, loss_sum, n_sum, inner_sum, inner_n), stats = jax.lax.scan(
         micro, init, (batch, jnp.arange(num_micro))
     )
     denom = jnp.maximum(n_sum, 1.0)
@@ -83,7 +88,8 @@ def train_step(
     )
     metrics = {
         "loss": loss_sum / denom,
-        "inner_losses": inner_sum / denom,
+        # NaN (null in metrics.jsonl) for an inner step no example had a finite loss in
+        "inner_losses": jnp.where(inner_n > 0, inner_sum / jnp.maximum(inner_n, 1.0), jnp.nan),
         "grad_norm": optax.global_norm(grads),
         "examples": n_sum,
         "loss_tokens": jnp.sum(stats[0]),

@@ -284,7 +284,7 @@ def reference_inner(cfg, fcfg, params, batch, fast0, start, stats=None):
     inner_means = []
     for k in range(fcfg.num_inner_steps):
         vals = [ls[k] for ls in inner if ls[k] is not None and bool(jnp.isfinite(ls[k]))]
-        inner_means.append(sum(vals) / len(vals) if vals else 0.0)
+        inner_means.append(sum(vals) / len(vals) if vals else float("nan"))
     return phis, inner_means, inner
 
 

@@ -338,6 +338,24 @@ def test_non_finite_inner_loss_leaves_phi_unchanged(where):
 # ---------------------------------------------------------------- baselines
 
 
+def test_inner_loss_with_no_finite_example_is_nan_not_zero():
+    """An inner step in which no example had a finite loss is missing (NaN,
+    null in metrics.jsonl), not a loss of 0; otherwise the finite examples' mean."""
+    from focusft_jax.bilevel import inner_optimizer, inner_update
+
+    phi = {"gate_proj": {"A": jnp.ones((1, 2, 2, 2)), "B": jnp.zeros((1, 2, 2, 2))}}
+    opt = inner_optimizer(FCFG)
+    nan = jnp.nan
+
+    def mean(loss, has, grads=phi):
+        return float(inner_update(FCFG, opt, opt.init(phi), phi, grads, jnp.asarray(loss), jnp.asarray(has))[2])
+
+    assert np.isnan(mean([nan, jnp.inf], [True, True]))
+    assert np.isnan(mean([1.0, 2.0], [False, False]))  # no example with loss tokens
+    assert mean([nan, 2.0], [True, True]) == 2.0
+    assert mean([1.0, 3.0], [True, True]) == 2.0
+
+
 @functools.partial(jax.jit, static_argnums=(2,), compiler_options=FAST_COMPILE)
 def _lib_loss(params, batch, fcfg):
     return focusft_loss(params, batch, jax.random.key(0), CFG, fcfg)
