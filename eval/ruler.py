@@ -121,6 +121,7 @@ def evaluate(
     samples: Mapping[tuple[str, int], Sequence[Mapping]],
     get_generate_fn: Callable[[int], GenerateFn],
     *,
+    max_context: int | None = None,
     batch_size: int = 1,
     progress: bool = True,
 ) -> list[dict]:
@@ -130,6 +131,10 @@ def evaluate(
         answer_prefix)}.
     get_generate_fn(tokens_to_generate) -> generate_fn; asked once per task
         family, since each family has its own generation budget.
+    max_context: the model's context; a sample whose prompt + generation
+        (its `length`) does not fit is refused, as BABILong does: not
+        generated, output / prediction / score None, `refused` says why, and
+        its cell gets no score (never a 0 averaged in).
     Returns prediction rows: task, length, index, prompt (input +
     answer_prefix), outputs, output (the raw continuation), prediction
     (post-processed) and score (this sample's match, 0..1).
@@ -140,7 +145,27 @@ def evaluate(
             by_ttg.setdefault(rd.tokens_to_generate(task), []).append((task, length, r))
     preds: list[dict] = []
     for ttg in sorted(by_ttg):
-        items = by_ttg[ttg]
+        items = []
+        for task, length, r in by_ttg[ttg]:
+            need = r.get("length")
+            if max_context is not None and need is not None and int(need) > max_context:
+                preds.append(
+                    {
+                        "task": task,
+                        "length": length,
+                        "index": r["index"],
+                        "prompt": r["input"] + r["answer_prefix"],
+                        "outputs": list(r["outputs"]),
+                        "output": None,
+                        "prediction": None,
+                        "score": None,
+                        "refused": f"prompt + {ttg} new = {int(need)} tokens > model context {max_context}",
+                    }
+                )
+            else:
+                items.append((task, length, r))
+        if not items:
+            continue
         fn = get_generate_fn(ttg)
         prompts = [r["input"] + r["answer_prefix"] for _, _, r in items]
         outs = run_generation(
@@ -179,16 +204,20 @@ def build_results(
     label: str,
 ) -> dict:
     scores: dict = {}
+    refused: dict = {}  # {task: {length: samples refused}}: such a cell has no score
     for t in tasks:
         for l in lengths:
             cell = [p for p in predictions if p["task"] == t and p["length"] == l]
-            if cell:
+            n_ref = sum(1 for p in cell if p.get("refused"))
+            if n_ref:
+                refused.setdefault(t, {})[l] = n_ref
+            elif cell:
                 scores.setdefault(t, {})[l] = task_score(t, [p["output"] for p in cell], [p["outputs"] for p in cell])
     agg = aggregate(scores, lengths)
-    return {
+    res = {
         "benchmark": "RULER",
         "label": label,
-        "tasks": [t for t in tasks if t in scores],
+        "tasks": [t for t in tasks if t in scores or t in refused],
         "lengths": list(lengths),
         "scores": scores,
         **agg,
@@ -196,12 +225,15 @@ def build_results(
         "metrics": {t: metric_of(t) for t in scores},
         "manifest": dict(manifest),
     }
+    if refused:
+        res["refused"] = refused
+    return res
 
 
 def results_markdown(results: Mapping) -> str:
     lengths = results["lengths"]
     cols = [str(l) for l in lengths]
-    rows = [(t, {str(l): v for l, v in results["scores"][t].items()}) for t in results["tasks"]]
+    rows = [(t, {str(l): v for l, v in results["scores"].get(t, {}).items()}) for t in results["tasks"]]
     rows.append(("average", {str(l): results["average"][l] for l in lengths}))
     covers = ", ".join(f"{l}: {results['average_covers'][l]}" for l in lengths)
     lines = [
@@ -213,6 +245,8 @@ def results_markdown(results: Mapping) -> str:
     ]
     if results.get("beyond_model_context"):
         lines += ["", f"Lengths beyond the model's context ({results['model_max_context']}): {results['beyond_model_context']}"]
+    if results.get("refused"):
+        lines += ["", f"Refused (prompt + generation does not fit the model; no score, not averaged): {results['refused']}"]
     if results["skipped"]:
         lines += ["", "Skipped tasks:", ""] + [f"- {t}: {why}" for t, why in results["skipped"].items()]
     lines += ["", "## Settings", "", manifest_markdown(results["manifest"])]
@@ -363,9 +397,9 @@ def _run(args) -> int:
         )
 
     max_ctx = model_max_context(args.checkpoint)
-    preds = evaluate(samples, get_fn, batch_size=args.batch_size, progress=not args.no_progress)
+    preds = evaluate(samples, get_fn, max_context=max_ctx, batch_size=args.batch_size, progress=not args.no_progress)
     results = build_results(preds, run_tasks, lengths, skipped, manifest, label)
-    # lengths past the model's configured context are evaluated as asked, and flagged
+    # lengths past the model's configured context are flagged; their samples that do not fit are refused
     results["model_max_context"] = max_ctx
     results["beyond_model_context"] = [l for l in lengths if max_ctx is not None and l > max_ctx]
     write_report(out, preds, results)

@@ -388,6 +388,31 @@ def test_runner_and_results(files, tmp_path):
     assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 10
 
 
+def test_runner_refuses_samples_longer_than_the_model_context(tmp_path):
+    """A sample whose prompt + generation does not fit the model is refused
+    and reported, its cell gets no score and is not averaged in (not a 0)."""
+
+    def rows(task, length):
+        return [{"index": i, "input": f"{task} {i}", "outputs": ["ans"], "length": length, "answer_prefix": " A:"} for i in range(2)]
+
+    samples = {("vt", 4096): rows("vt", 4000), ("cwe", 4096): rows("cwe", 4000), ("vt", 8192): rows("vt", 8000)}
+    seen = []
+
+    def get_fn(ttg):
+        return lambda prompts: seen.extend(prompts) or [" ans"] * len(prompts)
+
+    preds = rl.evaluate(samples, get_fn, max_context=4096, progress=False)
+    refused = [p for p in preds if p.get("refused")]
+    assert [(p["length"], p["index"]) for p in refused] == [(8192, 0), (8192, 1)]
+    assert all(p["score"] is None and p["output"] is None and "4096" in p["refused"] for p in refused)
+    assert len(seen) == 4  # the refused ones are never generated
+    res = rl.build_results(preds, ["vt", "cwe"], [4096, 8192], {}, {}, "RULER")
+    assert res["refused"] == {"vt": {8192: 2}} and 8192 not in res["scores"]["vt"]
+    assert res["average"] == {4096: 100.0, 8192: None} and res["overall_average"] == 100.0
+    rl.write_report(tmp_path, preds, res)
+    assert "Refused" in (tmp_path / "results.md").read_text()
+
+
 def test_cli_generate_only_skips_tasks_without_data(files, tmp_path, capsys):
     out = tmp_path / "g"
     argv = ["--generate-only", "--tokenizer", str(files["tok_dir"]), "--lengths", "4096", "--samples", "2", "--chat-template", "off", "--out", str(out)]
