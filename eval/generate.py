@@ -24,6 +24,11 @@ EOS and padding ids follow `eval.model_dir`: EOS from generation_config.json
 (eos_token_id: an int or a list), else config.json, else the tokenizer's eos
 token. The prompt forward's attention implementation is chosen by prompt
 length as in the evaluation harness (`eval.runner.prefill_attention_impl`).
+
+A prompt whose tokens plus --max-new-tokens run past the model's
+max_position_embeddings is generated anyway (the positions are computed, but
+past what the model was configured for), with a warning on stderr naming the
+prompt's index, its length and the limit (`context_warnings`).
 """
 from __future__ import annotations
 
@@ -44,6 +49,19 @@ from eval.tokenizing import chat_wrap, has_chat_template
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 log = logging.getLogger("eval.generate")
+
+
+def context_warnings(lengths: Sequence[int], max_new_tokens: int, limit: int | None) -> list[str]:
+    """One warning per prompt (by index) whose length + max_new_tokens
+    passes `limit` (max_position_embeddings; None: no limit known)."""
+    if not limit:
+        return []
+    return [
+        f"prompt {i}: {n} tokens + up to {max_new_tokens} new = {n + max_new_tokens} > the model's "
+        f"max_position_embeddings {limit}; generating anyway, past the context the model was configured for"
+        for i, n in enumerate(lengths)
+        if n + max_new_tokens > limit
+    ]
 
 
 def run(
@@ -86,6 +104,8 @@ def run(
         log.warning("no eos_token_id found; every completion runs for %d tokens", max_new_tokens)
     texts = [chat_wrap(tokenizer, p) for p in prompts] if chat else list(prompts)
     ids = encode_prompts(tokenizer, texts, add_special_tokens=not chat)
+    for msg in context_warnings([len(x) for x in ids], max_new_tokens, model.cfg.max_position_embeddings):
+        log.warning(msg)
     log.info(
         "generating %d prompt(s), up to %d new tokens, eos %s, %s",
         len(ids), max_new_tokens, eos, "greedy" if temperature == 0 else f"temperature {temperature}",

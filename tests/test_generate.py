@@ -298,3 +298,12 @@ def test_cli_reports_missing_tokenizer(tiny_model_dir):
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert "no tokenizer" in proc.stderr
+
+
+def test_prompt_past_max_position_embeddings_is_warned_about():
+    from eval.generate import context_warnings
+
+    msgs = context_warnings([10, 60, 40], max_new_tokens=8, limit=50)
+    assert len(msgs) == 1 and "prompt 1: 60 tokens" in msgs[0] and "max_position_embeddings 50" in msgs[0]
+    assert context_warnings([42], 8, 50) == [] and context_warnings([43], 8, 50)  # 43 + 8 > 50
+    assert context_warnings([10**6], 8, None) == []
