@@ -338,6 +338,11 @@ def test_bad_rows_skipped_and_counted(chatml, tmp_path):
     assert ds.stats.skipped_total == len(BAD_ROWS) + 1
     assert "skipped 12 bad rows" in ds.stats.summary()
     assert any("line 2:" in w for w in ds.stats.skipped_where)
+    # every skipped row, by file and line, for OUTPUT_DIR/skipped_rows.jsonl
+    listed = ds.stats.skipped_rows
+    assert len(listed) == ds.stats.skipped_total and {r["file"] for r in listed} == {str(path)}
+    assert sorted(r["reason"] for r in listed) == sorted(r for r, n in expected.items() for _ in range(n))
+    assert all(isinstance(r["line"], int) and r["problem"] for r in listed)
 
 
 def test_parquet_and_jsonl_read_the_same(chatml, tmp_path):

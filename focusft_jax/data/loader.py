@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -57,13 +58,27 @@ from focusft_jax.loss import scored_positions
 ON_BAD_ROW = ("error", "skip")
 
 
+_WHERE = re.compile(r"(?s)(.*) (line|row) (\d+)")
+
+
+def skipped_row(e: DataError) -> dict:
+    """A skipped row's record: {file, line (JSONL) or row (other formats),
+    reason, problem}; {where, reason, problem} when `where` names no row."""
+    where = e.where or ""
+    m = _WHERE.fullmatch(where)
+    place = {"file": m.group(1), m.group(2): int(m.group(3))} if m else {"where": where or None}
+    return {**place, "reason": e.reason, "problem": e.problem}
+
+
 @dataclass
 class DataStats:
     """What preprocessing did, for logging.
 
     rows: rows read; examples: examples kept; skipped: bad rows skipped, by
     reason (only with on_bad_row="skip"); skipped_where: the first messages of
-    skipped rows; truncated: kept examples that were truncated; no_loss_tokens:
+    skipped rows; skipped_rows: every skipped row as {file, line | row,
+    reason, problem} (`skipped_row`; train.py writes them to
+    OUTPUT_DIR/skipped_rows.jsonl); truncated: kept examples that were truncated; no_loss_tokens:
     rows dropped because no loss token survived truncation; boundary_merges:
     examples where a token straddled a loss-span boundary (mask by first
     character); context_turns: assistant turns kept as context because the
@@ -75,6 +90,7 @@ class DataStats:
     examples: int = 0
     skipped: dict = field(default_factory=dict)
     skipped_where: list = field(default_factory=list)
+    skipped_rows: list = field(default_factory=list)
     truncated: int = 0
     no_loss_tokens: int = 0
     boundary_merges: int = 0
@@ -174,6 +190,7 @@ def load_chat_dataset(
         stats.skipped[e.reason] = stats.skipped.get(e.reason, 0) + 1
         if len(stats.skipped_where) < 20:
             stats.skipped_where.append(str(e))
+        stats.skipped_rows.append(skipped_row(e))
 
     def flush(pending: list[Rendered]):
         for r, ex in zip(pending, tokenize_rendered(tokenizer, pending)):
