@@ -10,7 +10,9 @@ trains, and leaves:
     OUTPUT_DIR/config_history.jsonl  config changes accepted on resuming (train.allow_config_change)
     OUTPUT_DIR/checkpoints/     orbax training checkpoints (params, optimizer, data position)
     OUTPUT_DIR/hf/              the Hugging Face export (base model + tokenizer, no fast weights)
-    OUTPUT_DIR/metrics.jsonl    one line per logged step
+    OUTPUT_DIR/metrics.jsonl    one line per logged step (a run's first also has the data counts:
+                                data_rows, data_examples, data_skipped_rows, data_skipped_by_reason)
+    OUTPUT_DIR/skipped_rows.jsonl  the training rows skipped (data.on_bad_row: skip): file, line | row, reason
     OUTPUT_DIR/tensorboard/     TensorBoard event files
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ from focusft_jax.checkpoint import Checkpointer, abstract_like
 from focusft_jax.config import ConfigError, dump_config, load_config
 from focusft_jax.data import ChatLoader, DataError
 from focusft_jax.diagnostics import attention_diagnostics
+from focusft_jax.errors import TrainingDiverged
 from focusft_jax.hf import CheckpointError, recover_export, save_hf
 from focusft_jax.metrics_log import MetricsLogger
 from focusft_jax.model import logical_axes
@@ -40,6 +43,50 @@ from focusft_jax.trainer import init_state, train_step
 
 class Preempted(Exception):
     pass
+
+
+class _Diverged(Exception):
+    pass
+
+
+def diverged_message(cfg, skipped_run: int, step: int, ckpt_dir) -> str:
+    """The error of a run stopped by train.max_consecutive_skipped: `skipped_run`
+    steps in a row, up to step - 1, were skipped; the checkpoint of `step`
+    holds the last good parameters (a skipped step leaves them unchanged)."""
+    first, last = step - skipped_run, step - 1
+    return (
+        f"training diverged: {skipped_run} optimizer steps in a row (steps {first}-{last}) were skipped for a "
+        f"non-finite loss or gradient (train.max_consecutive_skipped: {cfg.train.max_consecutive_skipped}). "
+        f"Likely cause: the learning rate (optim.lr={cfg.optim.lr}) is too high, or the data or model gives NaN/inf. "
+        f"Saved the last good state (skipped steps leave the parameters unchanged) at step {step} in {ckpt_dir}; "
+        f"lower optim.lr and train again in a new train.output_dir, or resume here with "
+        f"--set 'train.allow_config_change=[optim.lr]'; train.max_consecutive_skipped: 0 never stops"
+    )
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def install_stop_handlers(stop: dict) -> dict:
+    """SIGTERM and SIGINT (Ctrl-C) set stop["signal"]; the loop then saves a
+    checkpoint after the current step and exits. A second Ctrl-C stops at
+    once, without saving (KeyboardInterrupt). Returns the previous handlers,
+    for `restore_handlers`."""
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and stop.get("signal") == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again: stop without saving)",
+                  file=sys.stderr, flush=True)
+
+    return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+
+
+def restore_handlers(previous: dict) -> None:
+    for s, h in previous.items():
+        signal.signal(s, h)
 
 
 def train(cfg, log=print) -> dict:
@@ -63,6 +110,10 @@ def train(cfg, log=print) -> dict:
     builtin = setup.builtin_data(cfg, out)  # generated once, for the tokenizer and the dataset
     tokenizer, tokenizer_dir = setup.build_tokenizer(cfg, out, log, builtin)
     dataset = setup.build_dataset(cfg, tokenizer, log, builtin)
+    if main_process:
+        skipped_file = setup.write_skipped_rows(out, dataset.stats)
+        if dataset.stats.skipped_total:
+            log(f"data: the {dataset.stats.skipped_total} skipped rows are listed in {skipped_file}")
     model_cfg, params, hf_config = setup.build_model(cfg, tokenizer)
     fcfg = cfg.method
 
@@ -114,13 +165,17 @@ def train(cfg, log=print) -> dict:
     step_fn = jax.jit(train_step, static_argnums=(3, 4, 5), donate_argnums=(0,))
     logger = MetricsLogger(out, tensorboard=cfg.logging.tensorboard, enabled=main_process)
     stop = {"signal": None}
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    previous = install_stop_handlers(stop)
     key = jax.random.key(cfg.train.seed)
     # The host keeps the step counter: reading state.step would wait for the
     # device, and the next batch is collated while the device computes.
     step = start_step = int(state.step)
     first_loss = last_loss = None
+    data_counts = setup.data_metrics(dataset.stats)  # in the first row this run logs
     progress = setup.progress_bar(total_steps, start_step, enabled=cfg.logging.progress and main_process)
+    # Steps skipped in a row (train.max_consecutive_skipped), read one step
+    # late: the flag of the step before, while this one computes.
+    skip_limit, skipped_run, previous_flag, diverged = cfg.train.max_consecutive_skipped, 0, None, False
     t_last, tokens_since = time.perf_counter(), 0
     upcoming = next(loader) if step < total_steps else None
     try:
@@ -132,6 +187,11 @@ def train(cfg, log=print) -> dict:
             arrays = {k: v.reshape(accum, -1, v.shape[-1]) for k, v in batch.arrays.items()}
             arrays = shard_batch(arrays, mesh, batch_axis=1)
             state, metrics = step_fn(state, arrays, jax.random.fold_in(key, step), model_cfg, fcfg, optimizer)
+            if skip_limit:
+                if previous_flag is not None:
+                    skipped_run = skipped_run + 1 if int(previous_flag) else 0
+                previous_flag = metrics["step_skipped"]
+                diverged = skipped_run >= skip_limit
             # The position a checkpoint after this step resumes from: the
             # batch after `batch`, taken before that batch is prefetched.
             data_state = loader.state_dict()
@@ -153,28 +213,38 @@ def train(cfg, log=print) -> dict:
                 # The base model's own loss on the batch: the inner loop's first
                 # loss (phi_0 has B = 0), or the loss itself without an inner loop.
                 metrics["base_loss"] = metrics["inner_losses"][0] if fcfg.num_inner_steps else metrics["loss"]
+                if data_counts:
+                    metrics.update(data_counts)
+                    data_counts = None
                 row = logger.log(step + 1, metrics)
                 last_loss = (row["loss"], row["base_loss"])
                 first_loss = last_loss if first_loss is None else first_loss
                 progress.set_postfix(setup.postfix(row), refresh=False)
             progress.update(1)
             step += 1
-            if step % cfg.checkpoint.every_steps == 0 or step == total_steps or stop["signal"]:
+            if step % cfg.checkpoint.every_steps == 0 or step == total_steps or stop["signal"] or diverged:
                 ckpt.save(step, state, data_state, force=True)
                 if cfg.checkpoint.export_hf_at_save and main_process:
                     ckpt.wait()
                     save_hf(out / "hf", model_cfg, state.params, hf_config, tokenizer_dir)
             if stop["signal"]:
                 raise Preempted()
+            if diverged:
+                raise _Diverged()
     except Preempted:
         ckpt.close()
         progress.close()
         logger.close()
-        log(f"SIGTERM: saved a checkpoint at step {int(state.step)} in {out / 'checkpoints'}; "
-            "run the same command again to resume")
+        log(f"{signal.Signals(stop['signal']).name}: saved a checkpoint at step {int(state.step)} in "
+            f"{out / 'checkpoints'}; run the same command again to resume")
         return {"preempted": True, "step": int(state.step), "output_dir": str(out)}
+    except _Diverged:
+        ckpt.close()
+        progress.close()
+        logger.close()
+        raise TrainingDiverged(diverged_message(cfg, skipped_run, step, out / "checkpoints")) from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore_handlers(previous)
     ckpt.close()
     progress.close()
     logger.close()
@@ -210,6 +280,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:  # the run started, then could not go on
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     if jax.process_index() == 0:
         if not summary.get("preempted"):
             print(setup.final_summary(summary), file=sys.stderr)

@@ -95,6 +95,9 @@ class TrainSection:
     # the previous run's files there.
     allow_config_change: list[str] = dataclasses.field(default_factory=list)
     overwrite: bool = False
+    # Stop (exit 3, last good state saved) after this many optimizer steps in
+    # a row were skipped for a non-finite loss or gradient; 0 = never stop.
+    max_consecutive_skipped: int = 20
 
 
 @dataclasses.dataclass
@@ -368,6 +371,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_steps: must be >= 1, got {t.max_steps}")
     if t.epochs < 1:
         raise ConfigError(f"train.epochs: must be >= 1, got {t.epochs}")
+    if t.max_consecutive_skipped < 0:
+        raise ConfigError(f"train.max_consecutive_skipped: must be >= 0 (0 = never stop), got {t.max_consecutive_skipped}")
     for key in t.allow_config_change:
         if not is_config_key(key):
             raise ConfigError(

@@ -26,5 +26,12 @@ class DataError(ValueError):
         super().__init__(where if problem is None else f"{where}: {problem}")
 
 
+class TrainingDiverged(ValueError):
+    """Training stopped because it cannot go on (train.max_consecutive_skipped
+    steps in a row were skipped as non-finite); the message says how many,
+    the likely cause and where the last good state was saved. train.py exits
+    3 for it (2 is for bad input)."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint directory that cannot be imported; the message says why."""

@@ -32,6 +32,7 @@ from focusft_jax.errors import ConfigError
 #   over the new total from the resumed step on);
 # - train.output_dir: the same directory may be spelled another way;
 # - train.allow_config_change / train.overwrite: how this start is handled;
+# - train.max_consecutive_skipped: when a diverged run gives up;
 # - mesh.*: checkpoints restore onto any mesh;
 # - model.attention_impl / model.remat: the same function computed with
 #   another memory trade-off.
@@ -43,6 +44,7 @@ HARMLESS_KEYS = (
     "train.output_dir",
     "train.allow_config_change",
     "train.overwrite",
+    "train.max_consecutive_skipped",
     "checkpoint",
     "mesh",
     "model.attention_impl",
@@ -55,6 +57,8 @@ TRAINER_OUTPUTS = (
     "config.yaml",
     "config_history.jsonl",
     "metrics.jsonl",
+    "skipped_rows.jsonl",
+    "skipped_rows.jsonl.tmp",
     "checkpoints",
     "hf",
     "tensorboard",

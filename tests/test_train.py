@@ -85,6 +85,8 @@ def test_train_writes_everything_and_the_export_matches_transformers(tmp_path):
     rows = _metrics(out)
     assert sorted(rows) == list(range(1, 7))
     assert all(len(r["inner_losses"]) == 2 for r in rows.values())
+    assert rows[1]["data_skipped_rows"] == 0 and "data_skipped_rows" not in rows[2]
+    assert (out / "skipped_rows.jsonl").read_text() == ""
     assert "HF export" in res.stderr  # the final summary says where things are
 
     import torch
@@ -227,6 +229,8 @@ def test_non_finite_step_is_skipped_and_counted():
     new, metrics = train_step(state, {k: v[None] for k, v in batch.items()}, jax.random.key(1), cfg,
                               FocusConfig(rank=4, alpha=8), opt)
     assert int(new.skipped) == 1 and int(metrics["step_skipped"]) == 1 and int(new.step) == 1
+    # the inner losses are the finite examples' (examples 2, 3), not pulled to 0 or NaN by example 0
+    assert np.all(np.isfinite(np.asarray(metrics["inner_losses"]))) and np.all(np.asarray(metrics["inner_losses"]) > 1)
     for x, y in zip(jax.tree.leaves((state.params, state.opt_state)), jax.tree.leaves((new.params, new.opt_state))):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -262,3 +266,69 @@ def test_config_error_stops_before_any_compute(tmp_path):
 def test_shipped_tiny_config_is_valid():
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     assert cfg.model.init is not None and cfg.data.builtin is not None
+
+
+def test_missing_inner_loss_is_logged_as_null(tmp_path):
+    from focusft_jax import setup
+    from focusft_jax.metrics_log import MetricsLogger
+
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    row = logger.log(1, {"loss": np.float32(2.5), "inner_losses": np.array([np.nan, 1.5], np.float32)})
+    logger.close()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["inner_losses"] == [None, 1.5]
+    assert setup.postfix(row)["inner"] == "-/1.500"  # missing, not a loss of 0
+
+
+def test_skipped_rows_are_written_and_counted(tmp_path):
+    from focusft_jax import setup
+    from focusft_jax.data import DataError, DataStats
+    from focusft_jax.data.loader import skipped_row
+    from focusft_jax.metrics_log import MetricsLogger
+
+    stats = DataStats(rows=5, examples=3, skipped={"unknown_role": 1, "too_long": 1})
+    stats.skipped_rows = [skipped_row(DataError("d/a b.jsonl line 2", "role 'robot'", "unknown_role")),
+                          skipped_row(DataError("d/c.parquet row 4", "too long", "too_long"))]
+    path = setup.write_skipped_rows(tmp_path, stats)
+    assert [json.loads(l) for l in path.read_text().splitlines()] == [
+        {"file": "d/a b.jsonl", "line": 2, "reason": "unknown_role", "problem": "role 'robot'"},
+        {"file": "d/c.parquet", "row": 4, "reason": "too_long", "problem": "too long"}]
+    logger = MetricsLogger(tmp_path, tensorboard=False)
+    logger.log(1, {"loss": 1.0, **setup.data_metrics(stats)})
+    logger.close()
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row["data_skipped_rows"] == 2 and row["data_skipped_by_reason"] == {"unknown_role": 1, "too_long": 1}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_and_ctrl_c_ask_the_loop_to_save_then_stop(sig):
+    """The handlers train() installs (the SIGTERM end-to-end test above shows
+    the loop saving, then exiting, once stop["signal"] is set)."""
+    import train
+
+    stop = {"signal": None}
+    previous = train.install_stop_handlers(stop)
+    try:
+        os.kill(os.getpid(), sig)
+        assert stop["signal"] == sig
+        if sig == signal.SIGINT:  # a second Ctrl-C stops at once, unsaved
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), sig)
+    finally:
+        train.restore_handlers(previous)
+    assert signal.getsignal(sig) is previous[sig]
+
+
+def test_every_step_skipped_stops_with_exit_3_and_the_last_good_state_saved(tmp_path):
+    """lr 1e30: step 1 is finite (and blows the weights up), every later step
+    is skipped; max_consecutive_skipped 2 stops the run, saves, exits 3."""
+    out = tmp_path / "run"
+    res = _run_train(_config_file(tmp_path), out, "optim.lr=1e30", "optim.warmup_ratio=0", "method.num_inner_steps=0",
+                     "train.batch_size=4", "train.max_steps=20", "train.max_consecutive_skipped=2",
+                     "checkpoint.every_steps=100", "logging.tensorboard=false")
+    assert res.returncode == 3, res.stderr[-3000:]
+    err = res.stderr
+    assert "error: training diverged: 2 optimizer steps in a row (steps 2-3) were skipped" in err
+    assert "optim.lr=1e+30" in err and "at step 4" in err and not (out / "hf").exists()
+    assert [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()] == [4]
+    rows = _metrics(out)
+    assert [rows[s]["step_skipped"] for s in (1, 2, 3)] == [0, 1, 1] and max(rows) == 4
