@@ -8,7 +8,8 @@ trains, and leaves:
 
     OUTPUT_DIR/config.yaml      the resolved config (written after the directory is checked)
     OUTPUT_DIR/config_history.jsonl  config changes accepted on resuming (train.allow_config_change)
-    OUTPUT_DIR/checkpoints/     orbax training checkpoints (params, optimizer, data position)
+    OUTPUT_DIR/checkpoints/     orbax training checkpoints (params, optimizer, data position),
+                                each step with focusft_checksums.json (verified on resuming)
     OUTPUT_DIR/hf/              the Hugging Face export (base model + tokenizer, no fast weights)
     OUTPUT_DIR/metrics.jsonl    one line per logged step (a run's first also has the data counts:
                                 data_rows, data_examples, data_skipped_rows, data_skipped_by_reason)
@@ -156,9 +157,11 @@ def train(cfg, log=print) -> dict:
 
     ckpt = Checkpointer(out / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     loader_state = None
-    latest = ckpt.latest_step() if cfg.checkpoint.resume else None
-    if latest is not None:
-        state, loader_state = ckpt.restore(latest, abstract_like(state))
+    # The newest step whose checksums verify; a damaged one is skipped with a
+    # warning, none verifying is a CheckpointError (focusft_jax/checkpoint.py).
+    restored = ckpt.restore_latest(abstract_like(state), log) if cfg.checkpoint.resume else None
+    if restored is not None:
+        latest, state, loader_state = restored
         log(f"resumed from {out / 'checkpoints'} at step {latest}")
     loader = ChatLoader(dataset, state=loader_state, **loader_kw)
 
@@ -222,6 +225,7 @@ def train(cfg, log=print) -> dict:
                 progress.set_postfix(setup.postfix(row), refresh=False)
             progress.update(1)
             step += 1
+            ckpt.poll()  # checksums of an async save as soon as it is finalized
             if step % cfg.checkpoint.every_steps == 0 or step == total_steps or stop["signal"] or diverged:
                 ckpt.save(step, state, data_state, force=True)
                 if cfg.checkpoint.export_hf_at_save and main_process:
