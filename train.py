@@ -93,8 +93,12 @@ def restore_handlers(previous: dict) -> None:
 def train(cfg, log=print) -> dict:
     """Runs the training job of `cfg` (a config.Config). Returns a summary."""
     out = Path(cfg.train.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     maybe_initialize_distributed(cfg.mesh.distributed)
+    # The mesh and the output directory are checked before anything is
+    # written or computed: a mesh the devices cannot hold, or an output_dir
+    # that is a file or not writable, is one error line, not a traceback.
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    run_dir.create(out)
     main_process = jax.process_index() == 0
     if main_process:  # an export killed mid-swap: put the previous good one back under hf/
         recover_export(out / "hf")
@@ -118,7 +122,6 @@ def train(cfg, log=print) -> dict:
     model_cfg, params, hf_config = setup.build_model(cfg, tokenizer)
     fcfg = cfg.method
 
-    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     log(f"{jax.device_count()} devices ({jax.default_backend()}), {jax.process_count()} process(es); "
         f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}")
     accum = cfg.train.batch_size // cfg.train.micro_batch_size

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from focusft_jax.errors import CheckpointError
@@ -91,6 +91,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides)
     Raises CheckpointError naming the architecture, rope type or key that is
     unsupported. `overrides` set ModelConfig fields (dtypes, attention, remat).
     """
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source}: expected a JSON object of model settings, got {type(hf).__name__}")
     archs = hf.get("architectures") or []
     model_type = hf.get("model_type")
     family = None
@@ -107,6 +109,14 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides)
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if key not in hf:
             raise CheckpointError(f"{source}: missing required key {key!r}")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim"):
+        value = hf.get(key)
+        if (key in ("num_key_value_heads", "head_dim") and value is None) or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        ):
+            continue
+        raise CheckpointError(f"{source}: {key} must be an integer >= 1, got {value!r}")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise CheckpointError(f"{source}: hidden_act {act!r} is not supported (only 'silu')")
@@ -233,9 +243,9 @@ def _weight_files(d: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (KeyError, json.JSONDecodeError) as e:
+            files = sorted(set(weight_map.values()))
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-        files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (d / f).exists()]
         if missing:
             raise CheckpointError(f"{index}: lists shard(s) that are not in {d}: {missing}")
@@ -280,6 +290,13 @@ def _to_ours(path: tuple[str, ...], t: np.ndarray) -> np.ndarray:
     return t.T if path[-1] == "kernel" else t
 
 
+def _damaged(f: Path, e: Exception, tensor: str | None = None) -> CheckpointError:
+    what = f"tensor {tensor!r} cannot be read" if tensor else "not a readable safetensors file"
+    return CheckpointError(
+        f"{f}: {what} ({type(e).__name__}: {e}); the file is truncated or damaged: re-download or re-export it"
+    )
+
+
 def load_hf(path_or_id: str | os.PathLike, **overrides) -> HFModel:
     """Imports a Hugging Face causal LM checkpoint.
 
@@ -294,16 +311,20 @@ def load_hf(path_or_id: str | os.PathLike, **overrides) -> HFModel:
         raise CheckpointError(f"{d}: no config.json")
     try:
         hf = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
     cfg = config_from_hf(hf, str(cfg_path), **overrides)
     files = _weight_files(d)
     handles = {}
     where: dict[str, Path] = {}
     for f in files:
-        h = safe_open(str(f), framework="numpy")
+        try:
+            h = safe_open(str(f), framework="numpy")
+            keys = list(h.keys())
+        except (SafetensorError, OSError) as e:
+            raise _damaged(f, e) from None
         handles[f] = h
-        for k in h.keys():
+        for k in keys:
             where[k] = f
     names = hf_names(cfg)
     shapes = param_shapes(cfg)
@@ -318,7 +339,10 @@ def load_hf(path_or_id: str | os.PathLike, **overrides) -> HFModel:
                 )
             raise CheckpointError(f"{d}: tensor {name!r} is missing from {[f.name for f in files]}")
         used.add(name)
-        t = _to_ours(path, handles[where[name]].get_tensor(name))
+        try:
+            t = _to_ours(path, handles[where[name]].get_tensor(name))
+        except (SafetensorError, OSError) as e:
+            raise _damaged(where[name], e, name) from None
         if t.shape != shape:
             raise CheckpointError(
                 f"{where[name]}: tensor {name!r} has shape {t.T.shape if path[-1] == 'kernel' else t.shape}, "

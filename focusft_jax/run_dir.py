@@ -1,5 +1,6 @@
 """Reusing an output directory without losing or mixing runs.
 
+    run_dir.create(out)              # in train.py: the directory, or a ConfigError naming train.output_dir
     run_dir.prepare(cfg, out, log)   # in train.py, before config.yaml is written
 
 Resuming (checkpoint.resume: true, and the directory has checkpoints): the
@@ -19,6 +20,7 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,23 @@ TRAINER_OUTPUTS = (
 PREVIOUS_RUN = ("checkpoints", "metrics.jsonl", "hf")
 
 _UNSET = object()
+
+
+def create(out: Path) -> None:
+    """Creates the output directory (and its parents); ConfigError naming
+    train.output_dir when it is a file, lies under a file, or cannot be
+    created or written (checked by creating and removing a file in it)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"train.output_dir: {out} is a file; expected a directory (or a path to create one at)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".write_test"):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"train.output_dir: cannot create or write the directory {out} ({e.strerror or e}); "
+            "expected a writable directory"
+        ) from None
 
 
 def checkpoint_steps(out: Path) -> list[int]:

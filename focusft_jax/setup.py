@@ -40,6 +40,11 @@ def _builtin_texts(path: Path) -> list[str]:
         return [m["content"] for line in f for m in json.loads(line)["messages"]]
 
 
+# A tokenizer directory holds at least one of these (fast tokenizer, its
+# config, or a slow tokenizer's vocabulary).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def build_tokenizer(cfg, out: Path, log, builtin: Path | None) -> tuple[Any, Path]:
     """The tokenizer and the directory its files live in (copied into the export).
 
@@ -61,14 +66,22 @@ def build_tokenizer(cfg, out: Path, log, builtin: Path | None) -> tuple[Any, Pat
         return AutoTokenizer.from_pretrained(tok_dir), tok_dir
     from focusft_jax.hf import resolve_model_dir
 
+    key = "model.tokenizer" if cfg.model.tokenizer else "model.tokenizer (unset, so model.path)"
+    expected = "point model.tokenizer at a directory with tokenizer.json / tokenizer_config.json"
     try:
         tok_dir = resolve_model_dir(source)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: could not load a tokenizer from {source!r} ({e}); {expected}") from None
+    # Without its own files, from_pretrained may still build a tokenizer from
+    # a model's config.json, which then fails later as "no chat template".
+    if not any((tok_dir / name).is_file() for name in _TOKENIZER_FILES):
+        raise ConfigError(
+            f"{key}: {tok_dir} has no tokenizer files (none of {', '.join(_TOKENIZER_FILES)}); {expected}"
+        )
+    try:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"model.tokenizer: could not load a tokenizer from {source!r} ({e}); "
-            "point model.tokenizer at a directory with tokenizer.json / tokenizer_config.json"
-        ) from None
+        raise ConfigError(f"{key}: could not load a tokenizer from {source!r} ({e}); {expected}") from None
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError(
             f"model.tokenizer: the tokenizer in {tok_dir} has no chat template; training renders chats "
@@ -81,7 +94,8 @@ def build_dataset(cfg, tokenizer, log, builtin: Path | None) -> ChatDataset:
     """Tokenizes the training data once: the data.train files and `builtin`
     (the file of `builtin_data`, None without built-in data)."""
     sources = list(cfg.data.train) + ([str(builtin)] if builtin is not None else [])
-    ds = load_chat_dataset(
+    # A dataset without an example is a DataError of load_chat_dataset, which says why.
+    return load_chat_dataset(
         sources,
         tokenizer,
         max_length=cfg.data.max_length,
@@ -90,9 +104,6 @@ def build_dataset(cfg, tokenizer, log, builtin: Path | None) -> ChatDataset:
         split=cfg.data.split,
         log=log,
     )
-    if len(ds) == 0:
-        raise ConfigError("data: no usable training examples (see the skipped-row counts above)")
-    return ds
 
 
 def write_skipped_rows(out: Path, stats) -> Path:

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from focusft_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -49,18 +51,27 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
     return False
 
 
+def _devices(n: int, devices) -> str:
+    kinds = sorted({str(getattr(d, "platform", "?")) for d in devices})
+    return f"{n} device{'s' if n != 1 else ''}" + (f" ({', '.join(kinds)})" if kinds else "")
+
+
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh; one axis of size -1 takes the devices the
     others leave. Fixed sizes whose product is below the device count use the
-    first devices. Raises ValueError when the sizes ask for more devices than
-    there are, or a -1 axis cannot be filled evenly."""
+    first devices. Raises ConfigError (a ValueError) naming the mesh.* keys
+    when the sizes ask for more devices than there are, or a -1 axis cannot be
+    filled evenly."""
     devices = jax.devices() if devices is None else devices
     n = len(devices)
     sizes = [data, fsdp, tensor]
+    asked = " x ".join(f"mesh.{a} ({s})" for a, s in zip(MESH_AXES, sizes))
     if -1 in sizes:
         rest = int(np.prod([s for s in sizes if s != -1]))
         if n % rest:
-            raise ValueError(f"mesh: the fixed axes ({rest} devices) do not divide the {n} devices")
+            raise ConfigError(
+                f"mesh: {asked}: the fixed axes ({rest} devices) do not divide the {_devices(n, devices)}"
+            )
         sizes[sizes.index(-1)] = n // rest
     data, fsdp, tensor = sizes
     if data * fsdp * tensor < n and -1 not in (data, fsdp, tensor):
@@ -69,9 +80,9 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
         devices = devices[: data * fsdp * tensor]
         n = len(devices)
     if data * fsdp * tensor != n:
-        raise ValueError(
-            f"mesh: data x fsdp x tensor = {data} x {fsdp} x {tensor} = {data * fsdp * tensor}, "
-            f"but there are {n} devices"
+        raise ConfigError(
+            f"mesh: {asked} = {data * fsdp * tensor} devices, but there are only {_devices(n, devices)}; "
+            "lower them, or set one to -1 for all remaining devices"
         )
     # Auto axes: XLA propagates shardings from the parameters and batch
     # (explicit sharding-in-types would demand every gather be annotated).

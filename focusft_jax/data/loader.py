@@ -142,6 +142,21 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
+def _no_examples(sources, stats: DataStats) -> str:
+    """The message of a dataset left without an example, saying why."""
+    names = [os.fspath(s) for s in ([sources] if isinstance(sources, (str, os.PathLike)) else sources)]
+    where = f"data source{'s' if len(names) > 1 else ''} {', '.join(names)}"
+    if stats.rows == 0:
+        return f"{where}: no rows (the files are empty); expected one chat row (a JSON object with 'messages') per line"
+    why = []
+    if stats.skipped_total:
+        first = f"; the first: {stats.skipped_where[0]}" if stats.skipped_where else ""
+        why.append(f"{stats.skipped_total} skipped as bad rows {dict(stats.skipped)}{first}")
+    if stats.no_loss_tokens:
+        why.append(f"{stats.no_loss_tokens} without loss tokens after truncation to max_length (raise data.max_length)")
+    return f"{where}: no usable example among {stats.rows} rows: {'; '.join(why)}"
+
+
 def load_chat_dataset(
     sources: Sequence[str | os.PathLike] | str | os.PathLike,
     tokenizer,
@@ -230,7 +245,7 @@ def load_chat_dataset(
             flush(pending)
     flush(pending)
     if not ids_out:
-        raise ValueError(f"data sources {sources!r}: no usable example ({stats.summary()})")
+        raise DataError(_no_examples(sources, stats))
     lengths = np.asarray([len(x) for x in ids_out], dtype=np.int64)
     npred = np.asarray([num_predictions(x) for x in loss_out], dtype=np.int64)
     stats.examples = len(ids_out)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import glob as _glob
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,6 +51,7 @@ ROLES = ("system", "user", "assistant", "tool")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 _GLOB_CHARS = set("*?[")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that are not UTF-8, as errors="surrogateescape" reads them
 
 
 
@@ -58,7 +60,7 @@ _GLOB_CHARS = set("*?[")
 class RawRow:
     """One row as read, before validation. `value` is the decoded row (a
     mapping for well-formed rows) or, for a JSONL line that is not valid JSON,
-    the `json.JSONDecodeError`."""
+    the `json.JSONDecodeError`, or for one that is not UTF-8, a `DataError`."""
 
     where: str  # e.g. "data/train.jsonl line 7" or "data/train.parquet row 7"
     value: Any
@@ -144,6 +146,11 @@ def resolve_source(spec: str | os.PathLike) -> list[tuple[str, str]]:
         files = _data_files_under(p)
         if files:
             return [("parquet" if f.suffix.lower() in PARQUET_SUFFIXES else "jsonl", str(f)) for f in files]
+        if not any(f.is_file() and not f.name.startswith(".") for f in p.rglob("*")):
+            raise DataError(
+                f"data source {s!r}: the directory is empty; expected .jsonl/.ndjson/.json or .parquet files "
+                "in it, or a directory written by datasets' save_to_disk"
+            )
         return [("hf_load", str(p))]
     looks_like_path = (
         p.suffix.lower() in JSONL_SUFFIXES + PARQUET_SUFFIXES
@@ -155,16 +162,33 @@ def resolve_source(spec: str | os.PathLike) -> list[tuple[str, str]]:
     return [("hf_load", s)]
 
 
+def _invalid_utf8(where: str, text: str) -> DataError | None:
+    """A DataError for the first byte of `text` that is not UTF-8, or None.
+    The file is read with errors="surrogateescape", which turns each such byte
+    into one lone surrogate (U+DC80..U+DCFF, never produced by valid UTF-8), so
+    one bad byte costs its line only and line numbers stay those of the file."""
+    m = None if text.isascii() else _NOT_UTF8.search(text)
+    if m is None:
+        return None
+    byte, col = ord(m.group()) - 0xDC00, m.start() + 1
+    return DataError(where, f"byte 0x{byte:02x} at column {col} is not valid UTF-8; expected UTF-8 text", "invalid_utf8")
+
+
 def _read_jsonl(path: str) -> Iterator[RawRow]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         head = ""
         if path.lower().endswith(".json"):
             pos = f.tell()
             head = f.read(4096).lstrip()[:1]
             f.seek(pos)
         if head == "[":
+            text = f.read()
+            bad = _invalid_utf8(f"{path} (JSON array)", text)
+            if bad is not None:
+                yield RawRow(bad.where, bad)
+                return
             try:
-                items = json.load(f)
+                items = json.loads(text)
             except json.JSONDecodeError as e:
                 yield RawRow(f"{path} (JSON array)", e)
                 return
@@ -175,6 +199,10 @@ def _read_jsonl(path: str) -> Iterator[RawRow]:
             if not line.strip():
                 continue
             where = f"{path} line {lineno}"
+            bad = _invalid_utf8(where, line)
+            if bad is not None:
+                yield RawRow(where, bad)
+                continue
             try:
                 yield RawRow(where, json.loads(line))
             except json.JSONDecodeError as e:
@@ -254,6 +282,8 @@ def parse_record(
     an unknown role, non-text content, no assistant message, and malformed
     `tools` / `enable_thinking`."""
     where, value = row.where, row.value
+    if isinstance(value, DataError):  # the reader's own finding (e.g. a byte that is not UTF-8)
+        raise value
     if isinstance(value, json.JSONDecodeError):
         raise DataError(where, f"invalid JSON ({value.msg} at column {value.colno}); expected one JSON object per line", "invalid_json")
     if not isinstance(value, dict):
