@@ -42,14 +42,6 @@ from focusft_jax.sharding import make_mesh, maybe_initialize_distributed, param_
 from focusft_jax.trainer import init_state, train_step
 
 
-class Preempted(Exception):
-    pass
-
-
-class _Diverged(Exception):
-    pass
-
-
 def diverged_message(cfg, skipped_run: int, step: int, ckpt_dir) -> str:
     """The error of a run stopped by train.max_consecutive_skipped: `skipped_run`
     steps in a row, up to step - 1, were skipped; the checkpoint of `step`
@@ -234,27 +226,19 @@ def train(cfg, log=print) -> dict:
                 if cfg.checkpoint.export_hf_at_save and main_process:
                     ckpt.wait()
                     save_hf(out / "hf", model_cfg, state.params, hf_config, tokenizer_dir)
-            if stop["signal"]:
-                raise Preempted()
-            if diverged:
-                raise _Diverged()
-    except Preempted:
-        ckpt.close()
-        progress.close()
-        logger.close()
-        log(f"{signal.Signals(stop['signal']).name}: saved a checkpoint at step {int(state.step)} in "
-            f"{out / 'checkpoints'}; run the same command again to resume")
-        return {"preempted": True, "step": int(state.step), "output_dir": str(out)}
-    except _Diverged:
-        ckpt.close()
-        progress.close()
-        logger.close()
-        raise TrainingDiverged(diverged_message(cfg, skipped_run, step, out / "checkpoints")) from None
+            if stop["signal"] or diverged:
+                break
     finally:
         restore_handlers(previous)
     ckpt.close()
     progress.close()
     logger.close()
+    if stop["signal"]:
+        log(f"{signal.Signals(stop['signal']).name}: saved a checkpoint at step {int(state.step)} in "
+            f"{out / 'checkpoints'}; run the same command again to resume")
+        return {"preempted": True, "step": int(state.step), "output_dir": str(out)}
+    if diverged:
+        raise TrainingDiverged(diverged_message(cfg, skipped_run, step, out / "checkpoints"))
     if main_process:
         save_hf(out / "hf", model_cfg, state.params, hf_config, tokenizer_dir)
     summary = {

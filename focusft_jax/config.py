@@ -177,7 +177,8 @@ def _coerce(value: Any, tp, key: str, outer: list[str] = ()):
         return value
     if origin in (list, tuple):  # tuple[X, ...]: a YAML list, kept as a tuple (hashable static config)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {value!r} (a YAML list: [a, b]; on the command line "
+                              f"--set '{key}=[{value}]')")
         item = typing.get_args(tp)[0]
         items = [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)

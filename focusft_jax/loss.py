@@ -21,8 +21,8 @@ the positions; a raw batch without the keys falls back to an on-device
 from __future__ import annotations
 
 import jax
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from focusft_jax.errors import DataError

@@ -12,7 +12,7 @@ import pytest
 # Parity tests compare against float32 PyTorch: use full-precision matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")
 
-from tests.tiny_models import FAMILY_CASES, write_tiny_hf_model  # noqa: E402
+from tests.tiny_models import write_tiny_hf_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

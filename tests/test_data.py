@@ -26,7 +26,6 @@ from focusft_jax.data import (
 )
 from focusft_jax.loss import LOSS_KEYS, loss_targets, token_weights
 from tests.data_fixtures import (
-    CHATML_TEMPLATE,
     LLAMA3_TEMPLATE,
     THINKING_TEMPLATE,
     build_test_tokenizer,
@@ -370,12 +369,12 @@ def test_parquet_and_jsonl_read_the_same(chatml, tmp_path):
 
 
 def test_missing_files_and_unsupported_types(chatml, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(DataError, match="no such file"):
         load_chat_dataset(str(tmp_path / "nope.jsonl"), chatml, max_length=64)
-    with pytest.raises(FileNotFoundError, match="matches no file"):
+    with pytest.raises(DataError, match="matches no file"):
         load_chat_dataset(str(tmp_path / "*.parquet"), chatml, max_length=64)
     (tmp_path / "x.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match="unsupported file type '.csv'"):
+    with pytest.raises(DataError, match="unsupported file type '.csv'"):
         load_chat_dataset(str(tmp_path / "x.csv"), chatml, max_length=64)
 
 
@@ -389,13 +388,13 @@ def test_hugging_face_datasets(chatml, tmp_path):
         ds = load_chat_dataset(str(local), chatml, max_length=256)
         ref = load_chat_dataset(write_jsonl(tmp_path / "r.jsonl", rows), chatml, max_length=256)
         assert ds.fingerprint == ref.fingerprint
-        with pytest.raises(ValueError, match="no split 'test'"):
+        with pytest.raises(DataError, match="no split 'test'"):
             load_chat_dataset(str(local), chatml, max_length=256, split="test")
     else:
         local.mkdir()
         (local / "dataset_dict.json").write_text('{"splits": ["train"]}')
         for source in (str(local), "some-org/some-chat-dataset", "hf:some-org/other"):
-            with pytest.raises(ImportError) as e:
+            with pytest.raises(DataError) as e:
                 load_chat_dataset(source, chatml, max_length=256)
             assert "pip install datasets" in str(e.value)
             assert source.removeprefix("hf:") in str(e.value)

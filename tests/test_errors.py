@@ -66,7 +66,7 @@ def test_non_utf8_byte_names_file_and_line(tmp_path, chatml):
     rows = list(read_rows(path))
     assert [r.where for r in rows] == [f"{path} line {k}" for k in (1, 2, 3)]  # line numbers stay the file's
     assert parse_record(rows[0]).messages == parse_record(rows[2]).messages == GOOD["messages"]
-    with pytest.raises(DataError, match=rf"train\.jsonl line 2: byte 0xff at column \d+ is not valid UTF-8") as e:
+    with pytest.raises(DataError, match=r"train\.jsonl line 2: byte 0xff at column \d+ is not valid UTF-8") as e:
         parse_record(rows[1])
     assert e.value.reason == "invalid_utf8"
     with pytest.raises(DataError, match=r"train\.jsonl line 2: byte 0xff"):
@@ -215,3 +215,26 @@ def test_train_main_prints_one_error_line_and_exits_2(tmp_path, capsys, sets, na
     err = captured.err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and named.format(**fill) in err[0], captured.err
     assert captured.out == "" and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "source, named",
+    [
+        ("{tmp}/missing.jsonl", "data source '{tmp}/missing.jsonl': no such file or directory"),
+        ("{tmp}/rows.csv", "data source '{tmp}/rows.csv': unsupported file type '.csv'"),
+        ("{tmp}/*.parquet", "data source '{tmp}/*.parquet': the pattern matches no file"),
+    ],
+)
+def test_train_main_bad_data_source_is_one_error_line(tmp_path, capsys, source, named):
+    import train
+
+    tok = build_test_tokenizer(tmp_path / "tok")
+    (tmp_path / "rows.csv").write_text("a,b\n")
+    config = tmp_path / "c.yaml"
+    config.write_text(TRAIN_YAML.replace("  builtin: {num_examples: 8, context_tokens: [0], seed: 0}\n", ""))
+    argv = ["--config", str(config), "--set", f"train.output_dir={tmp_path / 'run'}", "--set", f"model.tokenizer={tok}",
+            "--set", f"data.train=[{source.format(tmp=tmp_path)}]"]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and named.format(tmp=tmp_path) in err[-1], err
+    assert not any("Traceback" in line for line in err)

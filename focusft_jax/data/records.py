@@ -86,7 +86,7 @@ def _import_datasets(what: str):
     try:
         import datasets  # noqa: PLC0415 - optional dependency, imported lazily
     except ImportError:
-        raise ImportError(
+        raise DataError(
             f"reading {what} needs the Hugging Face `datasets` package, which is not installed: "
             "pip install datasets (JSONL and parquet files are read without it)"
         ) from None
@@ -97,7 +97,7 @@ def _import_pyarrow_parquet(path: str):
     try:
         import pyarrow.parquet as pq  # noqa: PLC0415
     except ImportError:
-        raise ImportError(f"reading the parquet file {path} needs `pyarrow`: pip install pyarrow") from None
+        raise DataError(f"reading the parquet file {path} needs `pyarrow`: pip install pyarrow") from None
     return pq
 
 
@@ -117,8 +117,9 @@ def _data_files_under(p: Path) -> list[Path]:
 
 def resolve_source(spec: str | os.PathLike) -> list[tuple[str, str]]:
     """Maps one source spec to a list of (kind, location) with kind in
-    {"jsonl", "parquet", "hf_disk", "hf_load"}. Raises FileNotFoundError for a
-    path that looks like a file but does not exist."""
+    {"jsonl", "parquet", "hf_disk", "hf_load"}. Raises DataError for a path
+    that looks like a file but does not exist, a glob matching nothing, a file
+    of another type and an empty directory."""
     s = os.fspath(spec)
     if s.startswith("hf:"):
         return [("hf_load", s[3:])]
@@ -126,7 +127,7 @@ def resolve_source(spec: str | os.PathLike) -> list[tuple[str, str]]:
     if any(c in s for c in _GLOB_CHARS):
         matches = sorted(_glob.glob(os.path.expanduser(s), recursive=True))
         if not matches:
-            raise FileNotFoundError(f"data source {s!r}: the pattern matches no file")
+            raise DataError(f"data source {s!r}: the pattern matches no file")
         out = []
         for m in matches:
             out.extend(resolve_source(m))
@@ -137,7 +138,7 @@ def resolve_source(spec: str | os.PathLike) -> list[tuple[str, str]]:
             return [("jsonl", str(p))]
         if suf in PARQUET_SUFFIXES:
             return [("parquet", str(p))]
-        raise ValueError(
+        raise DataError(
             f"data source {s!r}: unsupported file type {suf!r}; expected .jsonl/.ndjson/.json (JSON lines) or .parquet"
         )
     if p.is_dir():
@@ -158,7 +159,7 @@ def resolve_source(spec: str | os.PathLike) -> list[tuple[str, str]]:
         or s.count("/") > 1
     )
     if looks_like_path:
-        raise FileNotFoundError(f"data source {s!r}: no such file or directory")
+        raise DataError(f"data source {s!r}: no such file or directory")
     return [("hf_load", s)]
 
 
@@ -230,7 +231,7 @@ def _read_hf(kind: str, loc: str, split: str) -> Iterator[RawRow]:
         ds = datasets.load_dataset(loc, split=split)
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"data source {loc!r}: no split {split!r}; it has {sorted(ds)}")
+            raise DataError(f"data source {loc!r}: no split {split!r}; it has {sorted(ds)}")
         ds = ds[split]
     for i, item in enumerate(ds, start=1):
         yield RawRow(f"{loc} [{split}] row {i}", item)
