@@ -11,6 +11,11 @@ class EvalError(ValueError):
     """A usage or data problem of an evaluation tool; the message says what and where."""
 
 
+class DoesNotFit(EvalError):
+    """A task's smallest sample does not fit the length: the cell is skipped
+    and reported with this reason, and the run goes on."""
+
+
 def check_choice(option: str, value, allowed) -> None:
     """EvalError unless `value` is one of `allowed` (the values of command-line `option`)."""
     if value not in allowed:

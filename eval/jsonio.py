@@ -10,12 +10,15 @@ from eval.errors import EvalError
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
-    """One JSON object per line."""
+    """One JSON object per line, written to a temporary sibling then renamed
+    into place: a run stopped mid-write leaves no partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
     return path
 
 

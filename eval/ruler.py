@@ -40,7 +40,7 @@ from typing import Callable, Mapping, Sequence
 from eval import ruler_data as rd
 from eval import wordlists
 from eval.cli import add_model_options, add_run_options, parse_list, positive_int, run_cli
-from eval.errors import EvalError
+from eval.errors import DoesNotFit, EvalError
 from eval.jsonio import read_jsonl, write_json, write_jsonl
 from eval.manifest import files_digest, make_manifest
 from eval.model_dir import model_max_context
@@ -202,7 +202,11 @@ def build_results(
     skipped: Mapping[str, str],
     manifest: Mapping,
     label: str,
+    did_not_fit: Mapping[str, Mapping[int, str]] | None = None,
 ) -> dict:
+    """The results of `predictions`; `skipped` {task: why} (not run at all),
+    `did_not_fit` {task: {length: why}} (cells whose smallest sample does not
+    fit the length: no score, not averaged)."""
     scores: dict = {}
     refused: dict = {}  # {task: {length: samples refused}}: such a cell has no score
     for t in tasks:
@@ -227,6 +231,8 @@ def build_results(
     }
     if refused:
         res["refused"] = refused
+    if did_not_fit:
+        res["did_not_fit"] = {t: dict(cells) for t, cells in did_not_fit.items()}
     return res
 
 
@@ -247,6 +253,10 @@ def results_markdown(results: Mapping) -> str:
         lines += ["", f"Lengths beyond the model's context ({results['model_max_context']}): {results['beyond_model_context']}"]
     if results.get("refused"):
         lines += ["", f"Refused (prompt + generation does not fit the model; no score, not averaged): {results['refused']}"]
+    if results.get("did_not_fit"):
+        lines += ["", "Did not fit (no score, not averaged):", ""] + [
+            f"- {t} at {l}: {why}" for t, cells in results["did_not_fit"].items() for l, why in cells.items()
+        ]
     if results["skipped"]:
         lines += ["", "Skipped tasks:", ""] + [f"- {t}: {why}" for t, why in results["skipped"].items()]
     lines += ["", "## Settings", "", manifest_markdown(results["manifest"])]
@@ -330,6 +340,7 @@ def _run(args) -> int:
             skipped[t] = why
     run_tasks = [t for t in tasks if t not in skipped]
     samples: dict = {}
+    unfit: dict = {}  # {task: {length: why}}: a cell whose smallest sample does not fit the length
     for t in run_tasks:
         for l in lengths:
             if args.samples_from:
@@ -343,11 +354,23 @@ def _run(args) -> int:
                         f"this run has it {'on' if chat else 'off'} (see --chat-template)"
                     )
             else:
-                rows = rd.generate_samples(
-                    t, l, args.samples, fmt, seed=args.seed, corpus_dir=args.corpus, squad=args.squad, hotpotqa=args.hotpotqa
-                )
+                try:
+                    rows = rd.generate_samples(
+                        t, l, args.samples, fmt, seed=args.seed, corpus_dir=args.corpus, squad=args.squad,
+                        hotpotqa=args.hotpotqa,
+                    )
+                except DoesNotFit as e:
+                    unfit.setdefault(t, {})[l] = str(e)
+                    print(f"skipped {t} at {l}: {e}", file=sys.stderr)
+                    continue
             samples[(t, l)] = rows
-            write_jsonl(out / "samples" / f"{t}_{l}.jsonl", rows)
+    # Written once every cell is generated: a run stopped by an error leaves no partial sample files.
+    for (t, l), rows in samples.items():
+        write_jsonl(out / "samples" / f"{t}_{l}.jsonl", rows)
+    run_tasks = [t for t in run_tasks if any((t, l) in samples for l in lengths)]
+    for t in unfit:
+        if t not in run_tasks:  # no length fits: the task is skipped as a whole, with its reasons
+            skipped[t] = "; ".join(unfit[t].values())
 
     essay_used = args.corpus and any(t in rd.ESSAY_TASKS for t in run_tasks)
     label = "RULER" + (f" (essay haystack: user corpus {args.corpus}, not the official essays)" if essay_used else "")
@@ -366,7 +389,7 @@ def _run(args) -> int:
         benchmark=label,
         tasks=run_tasks,
         lengths=lengths,
-        samples={t: {str(l): len(samples[(t, l)]) for l in lengths} for t in run_tasks},
+        samples={t: {str(l): len(samples[(t, l)]) for l in lengths if (t, l) in samples} for t in run_tasks},
         data_source=data_source,
         tokenizer=tokenizer_name(tok),
         chat_template=chat,
@@ -381,6 +404,7 @@ def _run(args) -> int:
         prefill_attention=args.prefill_attention,
         attention_impl=attention_impl_record(args.attention_impl) if not args.generate_only else None,
         skipped=skipped,
+        did_not_fit=unfit,
     )
     if args.generate_only:
         write_json(out / "manifest.json", _json_keys(manifest))
@@ -398,7 +422,7 @@ def _run(args) -> int:
 
     max_ctx = model_max_context(args.checkpoint)
     preds = evaluate(samples, get_fn, max_context=max_ctx, batch_size=args.batch_size, progress=not args.no_progress)
-    results = build_results(preds, run_tasks, lengths, skipped, manifest, label)
+    results = build_results(preds, run_tasks, lengths, skipped, manifest, label, did_not_fit=unfit)
     # lengths past the model's configured context are flagged; their samples that do not fit are refused
     results["model_max_context"] = max_ctx
     results["beyond_model_context"] = [l for l in lengths if max_ctx is not None and l > max_ctx]

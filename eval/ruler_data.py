@@ -13,12 +13,15 @@ the model is fed (special tokens added for plain prompts, none added on top
 of a chat template).
 
 Fitting (`fit_units`): the haystack size is counted in units (noise or needle
-lines, essay words, words, documents); the largest number of units whose
-probe sample fits is found by doubling then binary search, then each sample
-steps back by the task's step while it is over budget (its random draws,
-e.g. key words or uuids, change its length a little). Steps: 1 unit for
-niah, vt and qa (so niah and vt fill >= 97% of the budget), 10 words for cwe
-and length // 32 for fwe (their official increments).
+lines, essay words, words, documents). For niah, vt and qa the largest
+number of units whose probe sample fits is found by doubling then binary
+search (step 1 unit, so niah and vt fill >= 97% of the budget); cwe and fwe
+start from the number of words the official scripts' own searches choose
+(`official_units`: the same start, steps and stopping rule, and the same
+random draws for the same seed). Then each sample steps back by the task's
+step (1 unit; 10 words for cwe, length // 32 for fwe, their official
+increments) while it is over budget (its random draws change its length a
+little). A task whose smallest sample does not fit raises `DoesNotFit`.
 
 Differences from the official scripts, none of which changes the task:
 one seeded `random.Random` per sample (so a sample does not depend on how
@@ -26,7 +29,10 @@ many others were generated); distinct keys (also from distractor needles)
 and distinct variable names are guaranteed; sentences of an essay corpus are
 split by a regular expression instead of nltk's punkt; the single-needle
 rewrite touches the task template and answer prefix only, never the model's
-chat template.
+chat template; with a chat template, cwe's worked example and its task share
+one user turn (the official script repeats the whole model template around
+the example); cwe never uses more words than wonderwords' 8169 (the official
+script switches to a second list beyond them, past about 100K tokens).
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval import wordlists
-from eval.errors import EvalError
+from eval.errors import DoesNotFit, EvalError
 from eval.manifest import files_digest, load_benchmark
 from eval.tokenizing import chat_wrap, count_tokens
 
@@ -307,39 +313,84 @@ def vt_icl_example(args: dict, fmt: Formatter, seed: int) -> str:
 
 
 class CommonWords(TaskGen):
+    """cwe. The word list is the official one in the official order (the
+    sorted vocabulary shuffled with `random.Random(seed)`), so that the
+    official search (`official_units`) draws the same words as the official
+    script for the same seed."""
+
     step = 10
 
-    def __init__(self, args: dict, length: int):
+    def __init__(self, args: dict, length: int, seed: int):
         self.a = dict(args)
         self.length = length
-        self.words = wordlists.cwe_words()
+        self.seed = seed
+        words = list(wordlists.cwe_words())
+        random.Random(seed).shuffle(words)
+        self.words = tuple(words)
         self.min_units = self.step
         self.max_units = len(self.words)
 
-    @staticmethod
-    def example(rng, words, num_words, common_repeats, uncommon_repeats, num_common):
-        picked = rng.sample(words, num_words)
+    def example(self, draw: random.Random, shuffle, num_words, common_repeats, uncommon_repeats, num_common):
+        picked = draw.sample(self.words, num_words)
         common, uncommon = picked[:num_common], picked[num_common:]
         lst = common * common_repeats + uncommon * uncommon_repeats
-        rng.shuffle(lst)
+        shuffle(lst)
         return " ".join(f"{i + 1}. {w}" for i, w in enumerate(lst)), common
 
-    def build(self, units: int, rng: random.Random, index: int) -> Built:
+    def compose(self, units: int, draw: random.Random, shuffle) -> Built:
+        """The one-shot example then the task, the words drawn from `draw`,
+        each list ordered by `shuffle` (a function shuffling in place)."""
         a, n_cw = self.a, self.a["num_cw"]
         if self.length < 4096:
-            ex_ctx, ex_ans = self.example(rng, self.words, 20, 3, 1, n_cw)
-            ctx, ans = self.example(rng, self.words, units, 6, 1, n_cw)
+            ex_ctx, ex_ans = self.example(draw, shuffle, 20, 3, 1, n_cw)
+            ctx, ans = self.example(draw, shuffle, units, 6, 1, n_cw)
         else:
-            ex_ctx, ex_ans = self.example(rng, self.words, 40, 10, 3, n_cw)
-            ctx, ans = self.example(rng, self.words, units, a["freq_cw"], a["freq_ucw"], n_cw)
+            ex_ctx, ex_ans = self.example(draw, shuffle, 40, 10, 3, n_cw)
+            ctx, ans = self.example(draw, shuffle, units, a["freq_cw"], a["freq_ucw"], n_cw)
         fam = FAMILIES["common_words_extraction"]
         example = (
             fam["template"].format(context=ex_ctx, query="")
             + fam["answer_prefix"]
+            + " "
             + " ".join(f"{i + 1}. {w}" for i, w in enumerate(ex_ans))
         )
         text = example + "\n" + fam["template"].format(context=ctx, query="")
         return Built(text, fam["answer_prefix"], ans)
+
+    def build(self, units: int, rng: random.Random, index: int) -> Built:
+        return self.compose(units, rng, rng.shuffle)
+
+    def official_units(self, prompt_tokens, length: int, ttg: int) -> int:
+        """The number of words of NVIDIA/RULER's common_words_extraction.py
+        (binary-search version): one stream seeded with the seed draws every
+        probe's words in turn, and each list is ordered by a fresh
+        `Random(seed).shuffle`, as the official module-level `random` and its
+        `random.Random(args.random_seed).shuffle` do. Tokens per word are
+        estimated from a 4096-word probe; the search runs over every count in
+        [10, 2 * length / tokens-per-word], a count fitting when its prompt
+        plus `ttg` is within `length`; none fitting gives 10. Counts above the
+        vocabulary (reached only past about 100K tokens) count as not fitting:
+        the official script switches to a second word list there, which is
+        not shipped here."""
+        stream = random.Random(self.seed)
+
+        def fixed_shuffle(lst):
+            random.Random(self.seed).shuffle(lst)
+
+        def tokens(units):
+            return prompt_tokens(self.compose(units, stream, fixed_shuffle))
+
+        estimate = min(4096, self.max_units)
+        per_word = tokens(estimate) / estimate
+        lo, hi = self.step, max(int(length // per_word) * 2, 2 * self.step)
+        best = None
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if mid <= self.max_units and tokens(mid) + ttg <= length:
+                best, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        return self.step if best is None else best
 
 
 def zeta(alpha: float) -> float:
@@ -352,28 +403,56 @@ def zeta(alpha: float) -> float:
 
 
 class FrequentWords(TaskGen):
+    """fwe: coded words with Zipf counts; `official_units` is the official
+    search."""
+
     coded_wordlen = 6
 
-    def __init__(self, args: dict, length: int):
+    def __init__(self, args: dict, length: int, seed: int):
         self.alpha = float(args.get("alpha", 2.0))
+        self.seed = seed
         self.vocab_size = max(length // 50, 5)
         self.step = max(length // 32, 1)
         self.min_units = self.step
 
-    def build(self, units: int, rng: random.Random, index: int) -> Built:
-        vocab = ["".join(rng.choices(string.ascii_lowercase, k=self.coded_wordlen)) for _ in range(self.vocab_size)]
+    def vocabulary(self, draw: random.Random, shuffle) -> list[str]:
+        vocab = ["".join(draw.choices(string.ascii_lowercase, k=self.coded_wordlen)) for _ in range(self.vocab_size)]
         while len(set(vocab)) < self.vocab_size:
-            vocab.append("".join(rng.choices(string.ascii_lowercase, k=self.coded_wordlen)))
+            vocab.append("".join(draw.choices(string.ascii_lowercase, k=self.coded_wordlen)))
         vocab = sorted(set(vocab))
-        rng.shuffle(vocab)
+        shuffle(vocab)
         vocab[0] = "..."  # the top rank is noise
+        return vocab
+
+    def compose(self, vocab: list[str], units: int, shuffle) -> Built:
         z = zeta(self.alpha)
         words = []
         for k, w in enumerate(vocab, 1):
             words += [w] * int(units * k**-self.alpha / z)
-        rng.shuffle(words)
+        shuffle(words)
         fam = FAMILIES["freq_words_extraction"]
         return Built(fam["template"].format(context=" ".join(words), query=""), fam["answer_prefix"], vocab[1:4])
+
+    def build(self, units: int, rng: random.Random, index: int) -> Built:
+        return self.compose(self.vocabulary(rng, rng.shuffle), units, rng.shuffle)
+
+    def official_units(self, prompt_tokens, length: int, ttg: int) -> int:
+        """The number of words of NVIDIA/RULER's freq_words_extraction.py: one
+        vocabulary drawn from a stream seeded with the seed and ordered by
+        `Random(seed).shuffle`, as the official script's; from length // 6
+        words up by length // 32 while the prompt is under `length` tokens
+        (the official rule leaves `ttg` out), then one step back. A sample
+        that is then over budget with its generation steps back further
+        (`generate_samples`), so that every sample fits."""
+
+        def fixed_shuffle(lst):
+            random.Random(self.seed).shuffle(lst)
+
+        vocab = self.vocabulary(random.Random(self.seed), fixed_shuffle)
+        units = length // self.coded_wordlen
+        while prompt_tokens(self.compose(vocab, units, fixed_shuffle)) < length:
+            units += self.step
+        return units - self.step
 
 
 def read_squad(path: str) -> tuple[list[dict], list[str]]:
@@ -460,7 +539,7 @@ def _largest(fits, lo: int, hi_cap: int | None, step: int, what: str) -> int:
     """Largest multiple-of-step unit count u >= lo (u = lo + j*step) with
     fits(u), by doubling then binary search (fits must be monotone)."""
     if not fits(lo):
-        raise EvalError(f"{what}: even the smallest haystack ({lo} units) does not fit")
+        raise DoesNotFit(f"{what}: even the smallest haystack ({lo} units) does not fit")
     good, j = 0, 1
     bad = None
     while True:
@@ -505,9 +584,9 @@ def make_task(
     if fam == "variable_tracking":
         return VariableTracking(args, vt_icl_example(args, fmt, seed))
     if fam == "common_words_extraction":
-        return CommonWords(args, length)
+        return CommonWords(args, length, seed)
     if fam == "freq_words_extraction":
-        return FrequentWords(args, length)
+        return FrequentWords(args, length, seed)
     if fam == "qa":
         path = squad if args["dataset"] == "squad" else hotpotqa
         if not path:
@@ -528,13 +607,20 @@ def missing_data(task: str, corpus_dir: str | None, squad: str | None, hotpotqa:
 
 
 def fit_units(gen: TaskGen, fmt: Formatter, task: str, length: int, seed: int) -> int:
-    """Largest haystack (in units, a multiple of the step above min_units)
-    whose probe sample fits the length."""
+    """The haystack size (units) samples start from: the official search where
+    the task has one (cwe, fwe: `official_units`), else the largest count (a
+    multiple of the step above min_units) whose probe sample fits."""
     ttg = tokens_to_generate(task)
 
+    def prompt_tokens(b: Built) -> int:
+        return fmt.tokens(fmt.input_text(b.task_text) + b.answer_prefix)
+
+    official = getattr(gen, "official_units", None)
+    if official is not None:
+        return official(prompt_tokens, length, ttg)
+
     def fits(units):
-        b = gen.build(units, _rng(seed, task, length, "probe"), 0)
-        return fmt.tokens(fmt.input_text(b.task_text) + b.answer_prefix) + ttg <= length
+        return prompt_tokens(gen.build(units, _rng(seed, task, length, "probe"), 0)) + ttg <= length
 
     return _largest(fits, gen.min_units, gen.max_units, gen.step, f"{task} at {length}")
 
@@ -567,7 +653,10 @@ def generate_samples(
                 break
             units -= gen.step
             if units < gen.min_units:
-                raise EvalError(f"{task} at {length}: sample {index} does not fit with the smallest haystack")
+                raise DoesNotFit(
+                    f"{task} at {length}: sample {index} does not fit even with the smallest haystack "
+                    f"({gen.min_units} units)"
+                )
         rows.append(
             {
                 "index": index,

@@ -239,7 +239,7 @@ def test_cwe_one_shot_layout(files, length, ex_reps, main_reps):
     assert len(common) == 10 and len(counts) == (40 if length >= 4096 else 20)
     assert all(c == ex_reps[1] for w, c in counts.items() if w not in common)
     assert len(_numbered(ex_answer)) == 10 and set(_numbered(ex_answer)) == set(common)
-    assert ex_answer.startswith("1. ")  # the words follow the answer prefix directly, as official
+    assert ex_answer.startswith(" 1. ")  # a space after the answer prefix, as the official script writes it
     main_counts = Counter(_numbered(main[: -len(q)]))
     assert len(main_counts) == 50 and set(b.outputs) == {w for w, c in main_counts.items() if c == main_reps[0]}
     assert all(c == main_reps[1] for w, c in main_counts.items() if w not in b.outputs)
@@ -292,10 +292,100 @@ def test_every_sample_fits_and_niah_vt_fill_97_percent(files, chat):
             fill = sum(r["length"] for r in rows) / len(rows) / length
             if task.startswith("niah") or task == "vt":
                 assert fill >= 0.97, (task, length, fill)
-            if task == "cwe":
-                assert all(r["units"] % 10 == 0 for r in rows)
-            if task == "fwe":
-                assert all(r["units"] % (length // 32) == 0 for r in rows)
+            if task in ("cwe", "fwe"):  # from the official search's count, down by the official step
+                g = rd.make_task(task, length, rd.Formatter(tok, chat))
+                start = rd.fit_units(g, rd.Formatter(tok, chat), task, length, 42)
+                assert all(r["units"] <= start and (start - r["units"]) % g.step == 0 for r in rows)
+
+
+# An independent re-implementation of the official searches, written from
+# NVIDIA/RULER's common_words_extraction.py (binary-search version) and
+# freq_words_extraction.py: a module-level random seeded once, the sorted
+# vocabulary shuffled with Random(seed), every list ordered by a fresh
+# Random(seed).shuffle, a plain model template ("{task_template}") with the
+# answer prefix appended, numpy's Zipf counts.
+
+
+def _official_prompt(task_family: str) -> str:
+    return FAM[task_family]["template"] + FAM[task_family]["answer_prefix"]
+
+
+def official_cwe_words(count, length: int, seed: int) -> int:
+    module_random = random.Random(seed)
+    words = sorted(set(wordlists.nouns() + wordlists.adjectives() + wordlists.verbs()))
+    random.Random(seed).shuffle(words)
+    template = _official_prompt("common_words_extraction")
+
+    def get_example(num_words, common_repeats, uncommon_repeats):
+        full = module_random.sample(words, num_words)
+        word_list = full[:10] * common_repeats + full[10:] * uncommon_repeats
+        random.Random(seed).shuffle(word_list)
+        return " ".join(f"{i + 1}. {w}" for i, w in enumerate(word_list)), full[:10]
+
+    def input_text(num_words):
+        if length < 4096:
+            shot, shot_answer = get_example(20, 3, 1)
+            context, _ = get_example(num_words, 6, 1)
+        else:
+            shot, shot_answer = get_example(40, 10, 3)
+            context, _ = get_example(num_words, 30, 3)
+        shot = template.format(context=shot, query="") + " " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(shot_answer))
+        return shot + "\n" + template.format(context=context, query="")
+
+    per_word = count(input_text(4096)) / 4096
+    lower, upper = 10, max(int(length // per_word) * 2, 20)
+    optimal = None
+    while lower <= upper:
+        mid = (lower + upper) // 2
+        if count(input_text(mid)) + 120 <= length:
+            optimal, lower = mid, mid + 1
+        else:
+            upper = mid - 1
+    return optimal if optimal is not None else 10
+
+
+def official_fwe_words(count, length: int, seed: int) -> int:
+    import math
+    import string
+
+    import numpy as np
+
+    module_random = random.Random(seed)
+    vocab_size = length // 50
+    vocab = ["".join(module_random.choices(string.ascii_lowercase, k=6)) for _ in range(vocab_size)]
+    while len(set(vocab)) < vocab_size:
+        vocab.append("".join(module_random.choices(string.ascii_lowercase, k=6)))
+    vocab = sorted(set(vocab))
+    random.Random(seed).shuffle(vocab)
+    vocab[0] = "..."
+    template = _official_prompt("freq_words_extraction")
+
+    def text(num_words):
+        k = np.arange(1, len(vocab) + 1)
+        counts = (num_words * (k**-2.0) / (math.pi**2 / 6)).astype(int)
+        sampled = [w for w, c in zip(vocab, counts) for _ in range(c)]
+        random.Random(seed).shuffle(sampled)
+        return template.format(context=" ".join(sampled), query="")
+
+    increment = length // 32
+    num_words = length // 6
+    while count(text(num_words)) < length:
+        num_words += increment
+    return num_words - increment
+
+
+@pytest.mark.parametrize("length", [2048, 4096, 8192])
+@pytest.mark.parametrize("seed", [42, 7])
+def test_cwe_and_fwe_choose_the_official_number_of_words(files, length, seed):
+    tok = files["tok"]
+    fmt = rd.Formatter(tok, False)
+
+    def count(text):  # the ids the model is fed, as rd.Formatter counts them for a plain prompt
+        return len(tok(text, add_special_tokens=True)["input_ids"])
+
+    cwe = rd.fit_units(rd.make_task("cwe", length, fmt, seed=seed), fmt, "cwe", length, seed)
+    fwe = rd.fit_units(rd.make_task("fwe", length, fmt, seed=seed), fmt, "fwe", length, seed)
+    assert (cwe, fwe) == (official_cwe_words(count, length, seed), official_fwe_words(count, length, seed))
 
 
 def test_fit_finds_the_largest_haystack(files):
@@ -428,6 +518,39 @@ def test_cli_generate_only_skips_tasks_without_data(files, tmp_path, capsys):
     assert rl.main(["--generate-only", "--out", str(out)]) == 2  # no tokenizer
     assert rl.main(["--tokenizer", str(files["tok_dir"]), "--out", str(out)]) == 2  # no checkpoint
     assert rl.main(["--generate-only", "--tokenizer", str(files["tok_dir"]), "--tasks", "niah", "--out", str(out)]) == 2
+
+
+def test_cli_skips_a_task_that_does_not_fit_and_goes_on(files, tmp_path, capsys, monkeypatch):
+    """cwe's smallest sample (its worked example alone) does not fit 600
+    tokens: the cell is skipped with the reason, the other cells run, and a
+    run stopped later by an error leaves no sample file at all."""
+    out = tmp_path / "g"
+    base = ["--generate-only", "--tokenizer", str(files["tok_dir"]), "--samples", "2", "--chat-template", "off",
+            "--tasks", "niah_single_1,cwe,fwe", "--out", str(out)]
+    assert rl.main(base + ["--lengths", "600,4096"]) == 0
+    made = sorted(p.name for p in (out / "samples").iterdir())
+    assert made == ["cwe_4096.jsonl", "fwe_4096.jsonl", "fwe_600.jsonl", "niah_single_1_4096.jsonl", "niah_single_1_600.jsonl"]
+    m = json.loads((out / "manifest.json").read_text())
+    assert list(m["did_not_fit"]) == ["cwe"] and "does not fit" in m["did_not_fit"]["cwe"]["600"]
+    assert m["samples"]["cwe"] == {"4096": 2} and "cwe" not in m["skipped"]
+    assert "skipped cwe at 600: cwe at 600" in capsys.readouterr().err
+    # No length fits: the task is skipped as a whole, with the reason.
+    assert rl.main(base + ["--lengths", "600", "--out", str(tmp_path / "h")]) == 0
+    assert "does not fit" in json.loads((tmp_path / "h" / "manifest.json").read_text())["skipped"]["cwe"]
+    # An error in a later cell: nothing written.
+    real = rd.generate_samples
+
+    def failing(task, length, *a, **k):
+        if task == "fwe":
+            raise EvalError("boom")
+        return real(task, length, *a, **k)
+
+    monkeypatch.setattr(rd, "generate_samples", failing)
+    assert rl.main(base + ["--lengths", "600", "--out", str(tmp_path / "e")]) == 2
+    assert not (tmp_path / "e" / "samples").exists()
+    results = rl.build_results([], ["cwe"], [600], {}, {}, "RULER", did_not_fit={"cwe": {600: "too long"}})
+    assert "- cwe at 600: too long" in rl.results_markdown({**results, "average": {600: None},
+                                                             "average_covers": {600: 0}, "overall_average": None})
 
 
 def test_cli_model_path_with_a_generate_fn(files, tmp_path, monkeypatch):
