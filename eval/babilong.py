@@ -4,6 +4,10 @@
     python -m eval.babilong --prompts-only --out OUT ...      # prompts, no model
     python -m eval.babilong --score RESULTS_DIR --out OUT     # re-score official prediction CSVs
 
+Lengths are the official split names, <N>k or <N>M (0k..512k, 1M, 10M).
+--score lists each file of RESULTS_DIR it does not score, with the reason
+(stderr, results.json `not_understood` / `excluded`).
+
 Prompt: the official `default_template` filled with the task's instruction,
 examples and post_prompt (each may be switched off with --prompt-parts: it
 becomes the empty string), the context stripped and the question as given;
