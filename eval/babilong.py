@@ -4,6 +4,10 @@
     python -m eval.babilong --prompts-only --out OUT ...      # prompts, no model
     python -m eval.babilong --score RESULTS_DIR --out OUT     # re-score official prediction CSVs
 
+Lengths are the official split names, <N>k or <N>M (0k..512k, 1M, 10M).
+--score lists each file of RESULTS_DIR it does not score, with the reason
+(stderr, results.json `not_understood` / `excluded`).
+
 Prompt: the official `default_template` filled with the task's instruction,
 examples and post_prompt (each may be switched off with --prompt-parts: it
 becomes the empty string), the context stripped and the question as given;
@@ -25,7 +29,7 @@ import csv
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 from eval import babilong_data as data
 from eval.cli import add_model_options, add_run_options, parse_list, positive_int, run_cli
@@ -218,6 +222,7 @@ def evaluate(
 
 
 def _length_key(length: str) -> tuple:
+    """Sort key of a length: by size (512k < 1M < 10M), unknown forms last."""
     try:
         return (data.length_value(length), length)
     except data.DataError:
@@ -297,6 +302,9 @@ def results_markdown(results: Mapping) -> str:
     ]
     if results.get("refused"):
         lines += ["", f"Refused (prompt + generation does not fit the model): {results['refused']}"]
+    for key, heading in (("not_understood", "Files not understood (not scored)"), ("excluded", "Files excluded by --tasks/--lengths")):
+        if results.get(key):
+            lines += ["", f"## {heading}", ""] + [f"- `{e['file']}`: {e['reason']}" for e in results[key]]
     lines += ["", "## Settings", "", manifest_markdown(results["manifest"])]
     return "\n".join(lines)
 
@@ -321,7 +329,93 @@ def print_table(results: Mapping, file=None) -> None:
 
 # ---------------------------------------------------------------- official prediction files
 
-_CSV_NAME = re.compile(r"^(qa\d+)_(\d+k)_(.+)\.csv$")
+# <task>_<length>_<prompt name>.csv: the task and the length are the first two
+# '_'-separated fields of the name, the prompt name is the rest (as the official
+# collect_results.py splits it); each field is checked on its own so that a file
+# that is not scored can say which part was not understood.
+_CSV_NAME = re.compile(r"([^_]+)_([^_]+)_(.+)\.csv")
+NOT_A_PREDICTION_FILE = "not a <task>_<length>_<prompt name>.csv prediction file"
+_CSV_COLUMNS = ("target", "output", "question")
+
+
+class OfficialPredictions(NamedTuple):
+    """What `read_official_predictions` made of a results folder.
+
+    rows: scored prediction rows (task, length, index, question, target,
+        output, correct), by task then length.
+    prompt: the prompt name scored.
+    not_understood: [{"file": name, "reason": ...}] for every entry of the
+        folder that was not scored for another reason than the tasks/lengths
+        asked for (not a prediction file, unknown task, bad length, another
+        prompt name, unreadable, missing columns, no rows), by name.
+    excluded: [{"file": name, "reason": ...}] for prediction files of the
+        prompt scored whose task or length was not asked for.
+    """
+
+    rows: list
+    prompt: str
+    not_understood: list
+    excluded: list
+
+
+def _name_fields(f: Path) -> tuple[str, str, str] | str:
+    """(task, length, prompt name) of a prediction file, else why it is not one."""
+    if f.is_dir():
+        return "a directory, not a prediction file"
+    if not f.is_file():
+        return "not a regular file"
+    m = _CSV_NAME.fullmatch(f.name)
+    if not m:
+        return NOT_A_PREDICTION_FILE
+    task, length, prompt = m.groups()
+    if task not in BENCH["task_labels"]:
+        return f"unknown task {task!r} (BABILong tasks are qa1..qa20)"
+    try:
+        data.length_value(length)
+    except data.DataError:
+        return f"length {length!r} is not of the form {data.LENGTH_FORM}"
+    return task, length, prompt
+
+
+def _read_prediction_csv(f: Path, task: str, length: str) -> list[dict] | str:
+    """Scored rows of one prediction file, else why it cannot be scored (the
+    file then adds no row: a half-read file would skew its cell)."""
+    try:
+        with f.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            fields = reader.fieldnames or []
+            missing = [c for c in _CSV_COLUMNS if c not in fields]
+            if missing:
+                return f"missing columns {missing} (has {list(fields)})"
+            records = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        return f"not readable as a UTF-8 CSV file ({type(e).__name__}: {e})"
+    if not records:
+        return "no prediction rows (only a header)"
+    rows = []
+    for i, r in enumerate(records):
+        if r["target"] is None or r["question"] is None:
+            return f"row {i + 1} has fewer fields than the header"
+        # An empty output cell is an empty answer (the official code fills NaN with '').
+        out = r["output"] if r["output"] is not None else ""
+        rows.append(
+            {
+                "task": task,
+                "length": length,
+                "index": i,
+                "question": r["question"],
+                "target": r["target"],
+                "output": out,
+                "correct": score_prediction(task, r["target"], out, r["question"]),
+            }
+        )
+    return rows
+
+
+def _listing(entries: Sequence[Mapping], limit: int = 5) -> str:
+    shown = "; ".join(f"{e['file']}: {e['reason']}" for e in entries[:limit])
+    more = f"; and {len(entries) - limit} more" if len(entries) > limit else ""
+    return shown + more
 
 
 def read_official_predictions(
@@ -329,52 +423,55 @@ def read_official_predictions(
     prompt: str | None = None,
     tasks: Sequence[str] | None = None,
     lengths: Sequence[str] | None = None,
-) -> tuple[list[dict], str]:
-    """Rows (task, length, index, question, target, output) from the CSV files
-    `<task>_<length>_<prompt name>.csv` (columns target, output, question) of
-    one model's folder of the official repository's results; and the prompt
-    name used. With several prompt names in the folder, `prompt` must pick one."""
+) -> OfficialPredictions:
+    """Scores the CSV files `<task>_<length>_<prompt name>.csv` (columns
+    target, output, question; length <N>k or <N>M) of one model's folder of
+    the official repository's results. With several prompt names in the
+    folder, `prompt` must pick one. `tasks`/`lengths`, when given, keep only
+    those. Every entry of the folder is either scored or listed, with the
+    reason, in `not_understood` or `excluded` (see OfficialPredictions)."""
     root = Path(results_dir).expanduser()
     if not root.is_dir():
         raise EvalError(f"{root}: no such results directory")
     found: dict[str, dict[tuple[str, str], Path]] = {}
+    not_understood: list[dict] = []
     for f in sorted(root.iterdir()):
-        m = _CSV_NAME.match(f.name)
-        if m and f.is_file():
-            found.setdefault(m.group(3), {})[(m.group(1), m.group(2))] = f
+        fields = _name_fields(f)
+        if isinstance(fields, str):
+            not_understood.append({"file": f.name, "reason": fields})
+        else:
+            task, length, pname = fields
+            found.setdefault(pname, {})[(task, length)] = f
     if not found:
-        raise EvalError(f"{root}: no <task>_<length>_<prompt name>.csv files")
+        why = f"; not understood: {_listing(not_understood)}" if not_understood else " (the directory is empty)"
+        raise EvalError(f"{root}: no <task>_<length>_<prompt name>.csv prediction files{why}")
     if prompt is None:
         if len(found) > 1:
             raise EvalError(f"{root}: several prompt names {sorted(found)}; choose one with --prompt-name")
         prompt = next(iter(found))
     if prompt not in found:
         raise EvalError(f"{root}: no files for prompt name {prompt!r}; found {sorted(found)}")
-    rows = []
+    for pname, files in found.items():
+        if pname != prompt:
+            reason = f"prompt name {pname!r}, not the one scored ({prompt!r}; choose with --prompt-name)"
+            not_understood += [{"file": f.name, "reason": reason} for f in files.values()]
+    rows: list[dict] = []
+    excluded: list[dict] = []
     for (task, length), f in sorted(found[prompt].items(), key=lambda kv: (_task_key(kv[0][0]), _length_key(kv[0][1]))):
-        if (tasks and task not in tasks) or (lengths and length not in lengths):
+        if tasks and task not in tasks:
+            excluded.append({"file": f.name, "reason": f"task {task} not asked for (--tasks)"})
             continue
-        if task not in BENCH["task_labels"]:
-            raise EvalError(f"{f}: unknown task {task}")
-        with f.open(newline="", encoding="utf-8") as fh:
-            reader = csv.DictReader(fh)
-            missing = [c for c in ("target", "output", "question") if c not in (reader.fieldnames or [])]
-            if missing:
-                raise EvalError(f"{f}: missing columns {missing} (has {reader.fieldnames})")
-            for i, r in enumerate(reader):
-                out = r["output"] if r["output"] is not None else ""
-                rows.append(
-                    {
-                        "task": task,
-                        "length": length,
-                        "index": i,
-                        "question": r["question"],
-                        "target": r["target"],
-                        "output": out,
-                        "correct": score_prediction(task, r["target"], out, r["question"]),
-                    }
-                )
-    return rows, prompt
+        if lengths and length not in lengths:
+            excluded.append({"file": f.name, "reason": f"length {length} not asked for (--lengths)"})
+            continue
+        got = _read_prediction_csv(f, task, length)
+        if isinstance(got, str):
+            not_understood.append({"file": f.name, "reason": got})
+        else:
+            rows += got
+    not_understood.sort(key=lambda e: e["file"])
+    excluded.sort(key=lambda e: e["file"])
+    return OfficialPredictions(rows, prompt, not_understood, excluded)
 
 
 # ---------------------------------------------------------------- data
@@ -419,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(ap)
     add_run_options(ap)
     ap.add_argument("--tasks", default=None, help="comma-separated, default qa1,...,qa5")
-    ap.add_argument("--lengths", default=None, help="comma-separated, default 0k,1k,2k,4k,8k,16k,32k")
+    ap.add_argument("--lengths", default=None, help="comma-separated <N>k or <N>M (e.g. 128k,512k,1M,10M), default 0k,1k,2k,4k,8k,16k,32k")
     ap.add_argument("--data", default="hub", help="hub | PATH (local snapshot of the dataset) | generate")
     ap.add_argument("--dataset", default="RMT-team/babilong", help="hub dataset id (with --data hub)")
     ap.add_argument("--revision", default=None, help="hub dataset revision (default: main, the commit is recorded)")
@@ -449,8 +546,20 @@ def _resolve_lists(args, score_mode: bool) -> None:
     args.parts = parse_list(args.prompt_parts, PROMPT_PARTS, "prompt part")
 
 
+def report_unscored(read: OfficialPredictions, file=None) -> None:
+    """On stderr: each file not understood with its reason, and how many
+    files --tasks/--lengths left out (each is listed in results.json)."""
+    file = file or sys.stderr
+    for e in read.not_understood:
+        print(f"not understood: {e['file']}: {e['reason']}", file=file)
+    if read.excluded:
+        print(f"excluded by --tasks/--lengths: {len(read.excluded)} files (listed in results.json)", file=file)
+
+
 def _score_main(args) -> dict:
-    rows, pname = read_official_predictions(args.score, args.prompt_name, args.tasks, args.lengths)
+    read = read_official_predictions(args.score, args.prompt_name, args.tasks, args.lengths)
+    report_unscored(read)
+    rows, pname = read.rows, read.prompt
     if not rows:
         raise EvalError(f"{args.score}: no rows for the requested tasks/lengths")
     tasks = sorted({r["task"] for r in rows}, key=_task_key)
@@ -473,6 +582,9 @@ def _score_main(args) -> dict:
         scoring="compare_answers (booydar/babilong metrics.py)",
     )
     results = build_results(rows, tasks, lengths, manifest, "BABILong")
+    # Always present when scoring files, empty or not: no file goes unmentioned.
+    results["not_understood"] = read.not_understood
+    results["excluded"] = read.excluded
     write_report(args.out, rows, results)
     return results
 

@@ -17,8 +17,9 @@ uniformly random gaps between background sentences (several may share a gap,
 facts before the sentence of their gap), background taken in order from a
 random start in a corpus of plain-text books (or a built-in generated
 filler), until the context reaches the budget of its nominal length: about
-N*1000-300 GPT-2 tokens for "Nk" ("0k": the facts alone). Results on this
-data are labelled "BABILong-format (regenerated)", never "BABILong".
+N*1000-300 GPT-2 tokens for "Nk", N*1000000-300 for "NM" ("0k": the facts
+alone). Results on this data are labelled "BABILong-format (regenerated)",
+never "BABILong".
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from eval.manifest import files_digest
 # The offline generator lives in the library (the built-in training data uses it too).
 from focusft_jax.data.babi import (  # noqa: F401
     GENERATED_TASKS,
+    LENGTH_FORM,
     REGENERATED_LABEL,
     Background,
     BabilongGenerator,

@@ -515,8 +515,113 @@ def test_cli_score_official_prediction_files(tmp_path, capsys):
     # two prompt names: the user has to pick one
     _write_official_csv(d / "qa1_0k_instruction_no_examples_no_post_prompt_no_chat_template_no.csv", [("kitchen", "x", q1)])
     assert bl.main(["--score", str(d), "--out", str(out)]) == 2
+    capsys.readouterr()
     assert bl.main(["--score", str(d), "--prompt-name", name, "--tasks", "qa1", "--out", str(tmp_path / "s2")]) == 0
-    assert json.loads((tmp_path / "s2" / "results.json").read_text())["tasks"] == ["qa1"]
+    res2 = json.loads((tmp_path / "s2" / "results.json").read_text())
+    assert res2["tasks"] == ["qa1"]
+    other = "qa1_0k_instruction_no_examples_no_post_prompt_no_chat_template_no.csv"
+    assert [e["file"] for e in res2["not_understood"]] == [other] and "not the one scored" in res2["not_understood"][0]["reason"]
+    assert res2["excluded"] == [{"file": f"qa8_0k_{name}.csv", "reason": "task qa8 not asked for (--tasks)"}]
+    err = capsys.readouterr().err
+    assert f"not understood: {other}: prompt name" in err and "excluded by --tasks/--lengths: 1 files" in err
+
+
+OFFICIAL_LENGTHS = ["0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k", "256k", "512k", "1M", "10M"]
+
+
+@pytest.mark.parametrize(
+    "length, thousands, budget",
+    [("0k", 0, 0), ("1k", 1, 700), ("128k", 128, 127_700), ("512k", 512, 511_700), ("1M", 1000, 999_700), ("2M", 2000, 1_999_700), ("10M", 10_000, 9_999_700)],
+)
+def test_length_value_and_token_budget_of_k_and_M_lengths(length, thousands, budget):
+    # 1M is 1_000_000 tokens less 300 for the prompt (booydar/babilong data/create_tasks.py)
+    assert bd.length_value(length) == thousands and bd.token_budget(length) == budget
+
+
+@pytest.mark.parametrize("bad", ["1G", "1.5k", "k", "M", "1K", "1m", "", "8k\n", " 8k", "-1k", "1kM", "\u0661k", "1e3k"])
+def test_length_value_rejects_other_forms(bad):
+    with pytest.raises(bd.DataError, match="<N>k' or '<N>M"):
+        bd.length_value(bad)
+
+
+def test_lengths_sort_by_size_and_the_cli_checks_their_form(tmp_path, capsys):
+    shuffled = ["10M", "1M", "512k", "0k", "128k", "2k", "256k", "1k", "64k", "16k", "4k", "32k", "8k"]
+    assert sorted(shuffled, key=bl._length_key) == OFFICIAL_LENGTHS
+    assert sorted(["1M", "2M", "999k", "1001k"], key=bl._length_key) == ["999k", "1M", "1001k", "2M"]
+    assert bl.main(["--prompts-only", "--data", "generate", "--lengths", "1k,1G", "--out", str(tmp_path)]) == 2
+    assert "'1G' is not of the form '<N>k' or '<N>M'" in capsys.readouterr().err
+
+
+def test_cli_score_every_official_length_and_lists_what_it_does_not_understand(tmp_path, capsys):
+    d = tmp_path / "model"
+    d.mkdir()
+    name = "instruction_yes_examples_yes_post_prompt_yes_chat_template_no"
+    q = "Where is Mary?"
+    for i, length in enumerate(OFFICIAL_LENGTHS):
+        right = i % 5  # 0..4 of 4 rows right: each length has its own accuracy
+        rows = [("kitchen", "kitchen" if k < right else "garden", q) for k in range(4)]
+        _write_official_csv(d / f"qa1_{length}_{name}.csv", rows)
+    _write_official_csv(d / f"qa2_1M_{name}.csv", [("garden", "The apple is in the garden.", "Where is the apple?")])
+    bad = {
+        "README.md": bl.NOT_A_PREDICTION_FILE,
+        "results.json": bl.NOT_A_PREDICTION_FILE,
+        f"qa1_1k_{name}.CSV": bl.NOT_A_PREDICTION_FILE,
+        "qa1_1k.csv": bl.NOT_A_PREDICTION_FILE,
+        "plots": "a directory, not a prediction file",
+        f"qa1_1G_{name}.csv": "length '1G' is not of the form",
+        f"qa1_1.5k_{name}.csv": "length '1.5k' is not of the form",
+        f"qa99_1k_{name}.csv": "unknown task 'qa99'",
+        f"summary_1k_{name}.csv": "unknown task 'summary'",
+        f"qa3_1M_{name}.csv": "missing columns ['question']",
+        f"qa4_10M_{name}.csv": "no prediction rows",
+        f"qa5_4k_{name}.csv": "row 2 has fewer fields than the header",
+        f"qa5_8k_{name}.csv": "not readable as a UTF-8 CSV file",
+    }
+    (d / "README.md").write_text("predictions of some model\n")
+    (d / "results.json").write_text("{}")
+    (d / "plots").mkdir()
+    for f in (f"qa1_1k_{name}.CSV", "qa1_1k.csv", f"qa1_1G_{name}.csv", f"qa1_1.5k_{name}.csv", f"qa99_1k_{name}.csv", f"summary_1k_{name}.csv"):
+        _write_official_csv(d / f, [("kitchen", "kitchen", q)])
+    (d / f"qa3_1M_{name}.csv").write_text("target,output\nkitchen,kitchen\n")
+    (d / f"qa4_10M_{name}.csv").write_text(",target,output,question\n")
+    (d / f"qa5_4k_{name}.csv").write_text(",target,output,question\n0,Fred,Fred,Who?\n1,Fred\n")
+    (d / f"qa5_8k_{name}.csv").write_bytes(b",target,output,question\n0,Fred,\xff\xfe,Who?\n")
+    out = tmp_path / "scored"
+    assert bl.main(["--score", str(d), "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["tasks"] == ["qa1", "qa2"] and res["lengths"] == OFFICIAL_LENGTHS
+    assert res["accuracy"]["qa1"] == {l: 25.0 * (i % 5) for i, l in enumerate(OFFICIAL_LENGTHS)}
+    assert res["accuracy"]["qa2"] == {l: (100.0 if l == "1M" else None) for l in OFFICIAL_LENGTHS}
+    assert res["samples"]["qa1"]["10M"] == 4 and res["manifest"]["lengths"] == OFFICIAL_LENGTHS
+    md = (out / "results.md").read_text()
+    assert "| task | " + " | ".join(OFFICIAL_LENGTHS) + " |" in md
+    assert (out / "heatmap.png").exists()
+    got = {e["file"]: e["reason"] for e in res["not_understood"]}
+    assert set(got) == set(bad) and res["excluded"] == []
+    err = capsys.readouterr().err
+    for f, why in bad.items():
+        assert got[f].startswith(why), (f, got[f])
+        assert f"not understood: {f}: {got[f]}" in err
+        assert f"`{f}`: {got[f]}" in md
+    # only files of the folder are scored: none of the bad ones adds a row
+    preds = [json.loads(l) for l in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 4 * len(OFFICIAL_LENGTHS) + 1
+    # --lengths takes M lengths; what it leaves out is listed as excluded, not as not understood
+    assert bl.main(["--score", str(d), "--lengths", "512k,1M,10M", "--tasks", "qa1", "--out", str(tmp_path / "s2")]) == 0
+    res2 = json.loads((tmp_path / "s2" / "results.json").read_text())
+    assert res2["lengths"] == ["512k", "1M", "10M"] and res2["tasks"] == ["qa1"]
+    assert {e["file"] for e in res2["not_understood"]} == set(bad) - {f"qa3_1M_{name}.csv", f"qa4_10M_{name}.csv", f"qa5_4k_{name}.csv", f"qa5_8k_{name}.csv"}
+    assert len(res2["excluded"]) == len(OFFICIAL_LENGTHS) - 3 + 5  # other qa1 lengths; qa2..qa5 by task
+
+
+def test_cli_score_a_folder_without_prediction_files_says_what_is_there(tmp_path, capsys):
+    d = tmp_path / "org"
+    (d / "some-model").mkdir(parents=True)
+    (d / "notes.txt").write_text("x")
+    assert bl.main(["--score", str(d), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "no <task>_<length>_<prompt name>.csv prediction files" in err
+    assert "some-model: a directory, not a prediction file" in err and "notes.txt: not a <task>" in err
 
 
 def _tiny_chat_tokenizer(path: Path) -> Path:

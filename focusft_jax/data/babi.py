@@ -7,7 +7,8 @@ tiny default config. The facts keep their order and go into uniformly random
 gaps between background sentences (several may share a gap), background taken
 in order from a random start in a corpus of plain-text books (or a built-in
 generated filler), until the context reaches the budget of its nominal
-length: about N*1000-300 GPT-2 tokens for "Nk" ("0k": the facts alone).
+length: about N*1000-300 GPT-2 tokens for "Nk" and N*1000000-300 for "NM"
+("0k": the facts alone).
 """
 from __future__ import annotations
 
@@ -22,19 +23,28 @@ from focusft_jax.errors import DataError
 
 REGENERATED_LABEL = "BABILong-format (regenerated)"
 GENERATED_TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
-_LENGTH_RE = re.compile(r"^(\d+)k$")
+# The official length names (booydar/babilong data/create_tasks.py, collect_results.py):
+# '<N>k' up to 512k, then '<N>M' (1M, 2M, 10M), decimal: 1M is 1_000_000 tokens.
+# Exactly 'k' and 'M', ASCII digits: those are the names of the dataset splits
+# and of the prediction files, so '1K', '1m' or '1.5k' name nothing official.
+_LENGTH_RE = re.compile(r"([0-9]+)([kM])")
+_LENGTH_UNIT = {"k": 1, "M": 1000}
+LENGTH_FORM = "'<N>k' or '<N>M' (e.g. 0k, 4k, 128k, 512k, 1M, 10M)"
 
 
 def length_value(length: str) -> int:
-    """"8k" -> 8 (checks the form)."""
-    m = _LENGTH_RE.match(length)
+    """A nominal length in thousands of tokens: "8k" -> 8, "1M" -> 1000,
+    "10M" -> 10000. A DataError for anything not of the form <N>k or <N>M."""
+    m = _LENGTH_RE.fullmatch(length) if isinstance(length, str) else None
     if not m:
-        raise DataError(f"BABILong length {length!r} is not of the form '<N>k' (e.g. 0k, 4k, 128k)")
-    return int(m.group(1))
+        raise DataError(f"BABILong length {length!r} is not of the form {LENGTH_FORM}")
+    return int(m.group(1)) * _LENGTH_UNIT[m.group(2)]
 
 
 def token_budget(length: str) -> int:
-    """Context budget of a nominal length, in (GPT-2) tokens: N*1000-300, 0 for 0k."""
+    """Context budget of a nominal length, in (GPT-2) tokens: its size minus
+    300 for the prompt, as the official data was made (N*1000-300 for Nk,
+    N*1000000-300 for NM), 0 for 0k."""
     n = length_value(length)
     return 0 if n == 0 else n * 1000 - 300
 
@@ -444,6 +454,6 @@ class BabilongGenerator:
             "generator": "focusft_jax.data.babi.BabilongGenerator (simulated bAbI world, qa1..qa5)",
             "background": self.background.name,
             "token_counter": self.counter.name,
-            "budget": "N*1000-300 tokens for Nk, facts only for 0k",
+            "budget": "N*1000-300 tokens for Nk (N*1000000-300 for NM), facts only for 0k",
             "seed": self.seed,
         }
