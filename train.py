@@ -10,7 +10,8 @@ trains, and leaves:
     OUTPUT_DIR/config_history.jsonl  config changes accepted on resuming (train.allow_config_change)
     OUTPUT_DIR/checkpoints/     orbax training checkpoints (params, optimizer, data position),
                                 each step with focusft_checksums.json (verified on resuming)
-    OUTPUT_DIR/hf/              the Hugging Face export (base model + tokenizer, no fast weights)
+    OUTPUT_DIR/hf/              the Hugging Face export (base model + tokenizer, no fast weights),
+                                with focusft.json: how it was trained (focusft_jax/training_record.py)
     OUTPUT_DIR/metrics.jsonl    one line per logged step (a run's first also has the data counts:
                                 data_rows, data_examples, data_skipped_rows, data_skipped_by_reason)
     OUTPUT_DIR/skipped_rows.jsonl  the training rows skipped (data.on_bad_row: skip): file, line | row, reason
@@ -40,6 +41,7 @@ from focusft_jax.model import logical_axes
 from focusft_jax.optim import make_optimizer
 from focusft_jax.sharding import make_mesh, maybe_initialize_distributed, param_shardings, shard_batch
 from focusft_jax.trainer import init_state, train_step
+from focusft_jax.training_record import training_record
 
 
 def diverged_message(cfg, skipped_run: int, step: int, ckpt_dir) -> str:
@@ -225,7 +227,8 @@ def train(cfg, log=print) -> dict:
                 ckpt.save(step, state, data_state, force=True)
                 if cfg.checkpoint.export_hf_at_save and main_process:
                     ckpt.wait()
-                    save_hf(out / "hf", model_cfg, state.params, hf_config, tokenizer_dir)
+                    save_hf(out / "hf", model_cfg, state.params, hf_config, tokenizer_dir,
+                            training_record=training_record(cfg, step, model_cfg.max_position_embeddings))
             if stop["signal"] or diverged:
                 break
     finally:
@@ -240,7 +243,8 @@ def train(cfg, log=print) -> dict:
     if diverged:
         raise TrainingDiverged(diverged_message(cfg, skipped_run, step, out / "checkpoints"))
     if main_process:
-        save_hf(out / "hf", model_cfg, state.params, hf_config, tokenizer_dir)
+        save_hf(out / "hf", model_cfg, state.params, hf_config, tokenizer_dir,
+                training_record=training_record(cfg, step, model_cfg.max_position_embeddings))
     summary = {
         "step": int(state.step),
         "first_logged_loss": first_loss and first_loss[0],

@@ -41,6 +41,7 @@ from eval.model_dir import model_max_context
 from eval.runner import GenerateFn, attention_impl_record, make_generate_fn, run_generation
 from eval.tables import manifest_markdown, markdown_table, write_results
 from eval.tokenizing import chat_wrap, count_tokens, load_tokenizer, tokenizer_name, use_chat_template
+from eval.trained_defaults import Defaults
 
 BENCH = load_benchmark("babilong")
 TASKS = tuple(BENCH["prompts"])  # qa1..qa20
@@ -516,14 +517,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(ap)
     add_run_options(ap)
     ap.add_argument("--tasks", default=None, help="comma-separated, default qa1,...,qa5")
-    ap.add_argument("--lengths", default=None, help="comma-separated <N>k or <N>M (e.g. 128k,512k,1M,10M), default 0k,1k,2k,4k,8k,16k,32k")
+    ap.add_argument("--lengths", default=None, help="comma-separated <N>k or <N>M (e.g. 128k,512k,1M,10M); default "
+                    "0k,1k,2k,4k,8k,16k,32k up to the model's context (N x 1000 tokens at most)")
     ap.add_argument("--data", default="hub", help="hub | PATH (local snapshot of the dataset) | generate")
     ap.add_argument("--dataset", default="RMT-team/babilong", help="hub dataset id (with --data hub)")
     ap.add_argument("--revision", default=None, help="hub dataset revision (default: main, the commit is recorded)")
     ap.add_argument("--samples", type=positive_int, default=None, help="samples per task and length (default: all; 100 when generating)")
     ap.add_argument("--corpus", default=None, help="directory of plain-text books for --data generate (default: built-in filler)")
     ap.add_argument("--budget-tokenizer", default=None, help="tokenizer (dir or tokenizer.json) for the generated context budget (default GPT-2 if cached, else an approximation)")
-    ap.add_argument("--prompt-parts", default=",".join(PROMPT_PARTS), help="any of instruction,examples,post_prompt ('' for none)")
+    ap.add_argument("--prompt-parts", default=None, help="any of instruction,examples,post_prompt ('' for none); default: "
+                    "the parts the model was trained with (focusft.json), else all three")
     ap.add_argument("--max-context", type=int, default=None, help="model context in tokens (default: config.json max_position_embeddings)")
     ap.add_argument("--seed", type=int, default=0, help="seed of --data generate")
     ap.add_argument("--prompts-only", action="store_true", help="write OUT/prompts.jsonl, no model")
@@ -541,9 +544,19 @@ def _resolve_lists(args, score_mode: bool) -> None:
         args.lengths = parse_list(args.lengths, None, "length")
         for l in args.lengths:
             data.length_value(l)
-    elif not score_mode:
-        args.lengths = list(DEFAULT_LENGTHS)
-    args.parts = parse_list(args.prompt_parts, PROMPT_PARTS, "prompt part")
+    args.parts = None if args.prompt_parts is None else parse_list(args.prompt_parts, PROMPT_PARTS, "prompt part")
+
+
+def _resolve_defaults(args) -> Defaults:
+    """The options left unset, chosen for the model evaluated (eval.trained_defaults)."""
+    defaults = Defaults(args.checkpoint)
+    args.prefill_attention = defaults.prefill_attention(args.prefill_attention)
+    args.parts = defaults.prompt_parts(args.parts, PROMPT_PARTS)
+    defaults.chat_template_mode(args.chat_template)
+    if args.lengths is None:
+        context = args.max_context or (model_max_context(args.checkpoint) if args.checkpoint else None)
+        args.lengths = defaults.lengths(DEFAULT_LENGTHS, lambda l: data.length_value(l) * 1000, context)
+    return defaults
 
 
 def report_unscored(read: OfficialPredictions, file=None) -> None:
@@ -604,6 +617,7 @@ def _run(args) -> int:
         return 0
     if not args.prompts_only and not args.checkpoint:
         raise EvalError("give --checkpoint (or --prompts-only, or --score DIR)")
+    defaults = _resolve_defaults(args)
     cells, source, label = load_samples(args)
     common = dict(
         benchmark=label,
@@ -615,6 +629,8 @@ def _run(args) -> int:
         seed=args.seed if args.data == "generate" else None,
         wordlist_version=None,
         prefill_attention=args.prefill_attention,
+        defaults_chosen=defaults.chosen,
+        training_record=defaults.record,
     )
     if args.prompts_only:
         rows = []

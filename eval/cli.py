@@ -19,7 +19,13 @@ USER_ERRORS = (EvalError, DataError, ConfigError, CheckpointError)
 def add_model_options(ap: argparse.ArgumentParser, *, checkpoint_required: bool = False) -> None:
     """--checkpoint, --prefill-attention, --attention-impl: how every tool runs a model."""
     ap.add_argument("--checkpoint", required=checkpoint_required, help="model directory (or Hugging Face hub id)")
-    ap.add_argument("--prefill-attention", default="causal", choices=PREFILL_ATTENTIONS)
+    ap.add_argument(
+        "--prefill-attention",
+        default=None,
+        choices=PREFILL_ATTENTIONS,
+        help="how the prompt is read; default glm_bidir for a model trained from scratch with glm_bidir "
+        "(its focusft.json says so), else causal (eval.trained_defaults)",
+    )
     ap.add_argument(
         "--attention-impl",
         default="auto",

@@ -45,6 +45,7 @@ from eval.errors import EvalError
 from eval.model_dir import load_model, special_ids
 from eval.runner import encode_prompts, generate_ids
 from eval.tokenizing import chat_wrap, has_chat_template
+from eval.trained_defaults import Defaults
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -134,7 +135,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--prompt", dest="prompts", metavar="TEXT", action="append", required=True, help="a prompt; repeat for a batch"
     )
     ap.add_argument("--max-new-tokens", type=int, default=128)
-    ap.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
+    ap.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap each prompt as a user message (chat template); default on for a model trained here "
+        "(its focusft.json), else off",
+    )
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0, help="0 = no top-k limit")
@@ -146,6 +153,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _emit(args: argparse.Namespace) -> int:
     """Generates, then writes the JSON lines; the exit status. The options'
     names are `run`'s parameters."""
+    defaults = Defaults(args.checkpoint)  # choices and warnings go to stderr
+    args.prefill_attention = defaults.prefill_attention(args.prefill_attention)
+    args.chat = defaults.chat(args.chat)
     # Libraries sometimes print to stdout; keep stdout for the JSON lines only.
     with contextlib.redirect_stdout(sys.stderr):
         results = run(**vars(args))

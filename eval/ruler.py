@@ -47,6 +47,7 @@ from eval.model_dir import model_max_context
 from eval.runner import GenerateFn, attention_impl_record, make_generate_fn, run_generation
 from eval.tables import manifest_markdown, markdown_table, write_results
 from eval.tokenizing import load_tokenizer, tokenizer_name, use_chat_template
+from eval.trained_defaults import Defaults
 
 TASKS = rd.TASKS
 DEFAULT_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
@@ -289,9 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, default all 13")
     ap.add_argument(
         "--lengths",
-        default=",".join(map(str, DEFAULT_LENGTHS)),
-        help="comma-separated token budgets (default the official 4096..131072); any positive count is "
-        "accepted, e.g. 1024 for smoke tests, but only the official lengths compare with published numbers",
+        default=None,
+        help="comma-separated token budgets (default the official 4096..131072 up to the model's context); any "
+        "positive count is accepted, e.g. 1024 for smoke tests, but only the official lengths compare with "
+        "published numbers",
     )
     ap.add_argument("--samples", type=positive_int, default=DEFAULT_SAMPLES, help="samples per task and length")
     ap.add_argument("--corpus", default=None, help="directory of *.txt for the essay haystack")
@@ -320,7 +322,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args) -> int:
     """--generate-only, or a checkpoint's evaluation; the exit status."""
     tasks = parse_list(args.tasks, TASKS, "task")
-    lengths = _parse_lengths(args.lengths)
+    defaults = Defaults(args.checkpoint)
+    if args.lengths is None:
+        context = model_max_context(args.checkpoint) if args.checkpoint else None
+        lengths = defaults.lengths(DEFAULT_LENGTHS, int, context)
+    else:
+        lengths = _parse_lengths(args.lengths)
+    args.prefill_attention = defaults.prefill_attention(args.prefill_attention)
+    defaults.chat_template_mode(args.chat_template)
     if args.samples < 1:
         raise EvalError("--samples must be >= 1")
     if not args.generate_only and not args.checkpoint:
@@ -405,6 +414,8 @@ def _run(args) -> int:
         attention_impl=attention_impl_record(args.attention_impl) if not args.generate_only else None,
         skipped=skipped,
         did_not_fit=unfit,
+        defaults_chosen=defaults.chosen,
+        training_record=defaults.record,
     )
     if args.generate_only:
         write_json(out / "manifest.json", _json_keys(manifest))

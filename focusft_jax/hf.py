@@ -29,6 +29,8 @@ from safetensors.numpy import save_file
 from focusft_jax.errors import CheckpointError
 
 from focusft_jax.model import ModelConfig, Params, param_shapes
+from focusft_jax.training_record import FILENAME as TRAINING_RECORD
+from focusft_jax.training_record import write_training_record
 
 ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -446,7 +448,7 @@ def recover_export(out_dir: str | os.PathLike) -> None:
 def _export_owns(name: str) -> bool:
     """A file name save_hf writes (or a stale one of an earlier export: other shard counts)."""
     return fnmatch.fnmatch(name, "model*.safetensors") or name in (
-        "model.safetensors.index.json", "config.json", "generation_config.json", *TOKENIZER_FILES
+        "model.safetensors.index.json", "config.json", "generation_config.json", TRAINING_RECORD, *TOKENIZER_FILES
     )
 
 
@@ -466,9 +468,13 @@ def save_hf(
     tokenizer_dir: str | os.PathLike | None = None,
     max_shard_bytes: int = 2 * 1024**3,
     generation_config: dict[str, Any] | None = None,
+    training_record: dict[str, Any] | None = None,
 ) -> Path:
     """Writes a Hugging Face model directory loadable by
     `AutoModelForCausalLM.from_pretrained`.
+
+    training_record: written as focusft.json beside config.json
+    (focusft_jax.training_record); without it an earlier export's record goes.
 
     params: the base model only (fast weights are never part of it).
     hf_config: the imported config.json, whose extra keys (token ids, ...)
@@ -504,6 +510,8 @@ def save_hf(
     tmp.mkdir()
     try:
         _write_hf_dir(tmp, cfg, params, hf_config, tokenizer_dir, max_shard_bytes, generation_config)
+        if training_record is not None:
+            write_training_record(tmp, training_record)
         for name in present:  # what others put in the directory stays; stale export files do not
             if not _export_owns(name) and not (tmp / name).exists():
                 if (out / name).is_dir() and not (out / name).is_symlink():

@@ -190,8 +190,10 @@ def final_summary(s: dict) -> str:
         f"  data:        {s['data']}",
         f"  config:      {s['config']}",
         f"  checkpoints: {s['checkpoints']}",
-        f"  HF export:   {s['hf_export']}   (load with transformers, or evaluate:",
-        f"               python -m eval.babilong --checkpoint {s['hf_export']} --data generate --out {Path(s['output_dir']) / 'eval'})",
+        f"  HF export:   {s['hf_export']}   (load with transformers, or evaluate: the tools read its",
+        "               focusft.json for the prompt format, attention and lengths of this model)",
+        f"               python -m eval.babilong --checkpoint {s['hf_export']} --data generate --samples 20 "
+        f"--batch-size 20 --out {Path(s['output_dir']) / 'eval'}",
         f"  metrics:     {s['metrics']}  (TensorBoard: tensorboard --logdir {s['tensorboard']})",
     ]
     return "\n".join(lines)

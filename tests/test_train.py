@@ -21,6 +21,7 @@ from focusft_jax.config import load_config
 from focusft_jax.model import ModelConfig, init_params
 from focusft_jax.optim import make_optimizer
 from focusft_jax.trainer import init_state, train_step
+from focusft_jax.training_record import read_training_record
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,6 +89,9 @@ def test_train_writes_everything_and_the_export_matches_transformers(tmp_path):
     assert rows[1]["data_skipped_rows"] == 0 and "data_skipped_rows" not in rows[2]
     assert (out / "skipped_rows.jsonl").read_text() == ""
     assert "HF export" in res.stderr  # the final summary says where things are
+    assert f"python -m eval.babilong --checkpoint {out / 'hf'} --data generate" in res.stderr
+    record = read_training_record(out / "hf")  # how it was trained, for the evaluation tools' defaults
+    assert (record["step"], record["objective"], record["initialization"]) == (6, "focusft", "from_scratch")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
