@@ -18,6 +18,9 @@ answer stripped. Scoring is `compare_answers` (see its docstring), accuracy
 = 100 * correct / samples, and the headline is the mean over qa1..qa5.
 The prompt forward uses blockwise (memory-efficient) attention for long
 prompts (--attention-impl, default auto: see `eval.runner.prefill_attention_impl`).
+Options left unset (--prefill-attention, --prompt-parts, --lengths) are
+chosen for the model evaluated, from its focusft.json and its context
+(`eval.trained_defaults`), and printed.
 
 Phase-2 hook: `evaluate(samples, generate_fn, ...)` runs any
 `generate_fn(prompts: list[str]) -> list[str]` (prompts already chat-formatted).

@@ -21,6 +21,11 @@ tests and compare with nothing published. The prompt forward uses blockwise
 (memory-efficient) attention for long prompts (--attention-impl, default auto:
 see `eval.runner.prefill_attention_impl`).
 
+--lengths and --prefill-attention left unset are chosen for the model
+(`eval.trained_defaults`: the official lengths up to its context; glm_bidir
+for a model trained from scratch with it). A cell whose smallest sample does
+not fit its length is skipped with the reason (`did_not_fit`).
+
 Tasks whose data is missing are skipped and listed: essay-haystack tasks
 without --corpus, qa_1 without --squad, qa_2 without --hotpotqa. With
 --corpus the essay haystack is the user's text, not the official essays, and
