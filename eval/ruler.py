@@ -381,10 +381,7 @@ def _run(args) -> int:
     # Written once every cell is generated: a run stopped by an error leaves no partial sample files.
     for (t, l), rows in samples.items():
         write_jsonl(out / "samples" / f"{t}_{l}.jsonl", rows)
-    run_tasks = [t for t in run_tasks if any((t, l) in samples for l in lengths)]
-    for t in unfit:
-        if t not in run_tasks:  # no length fits: the task is skipped as a whole, with its reasons
-            skipped[t] = "; ".join(unfit[t].values())
+    run_tasks = [t for t in run_tasks if any((t, l) in samples for l in lengths)]  # tasks with a cell that fits
 
     essay_used = args.corpus and any(t in rd.ESSAY_TASKS for t in run_tasks)
     label = "RULER" + (f" (essay haystack: user corpus {args.corpus}, not the official essays)" if essay_used else "")

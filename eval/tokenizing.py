@@ -98,7 +98,9 @@ def chat_wrap(tokenizer, text: str) -> str:
 
 
 def count_tokens(tokenizer, text: str, *, add_special_tokens: bool) -> int:
-    return len(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    # verbose=False: counting a text longer than the tokenizer's model_max_length
+    # (RULER's sizing probes do) is not an error, and is not warned about.
+    return len(tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
 
 
 def tokenizer_name(tokenizer) -> str | None:

@@ -534,9 +534,10 @@ def test_cli_skips_a_task_that_does_not_fit_and_goes_on(files, tmp_path, capsys,
     assert list(m["did_not_fit"]) == ["cwe"] and "does not fit" in m["did_not_fit"]["cwe"]["600"]
     assert m["samples"]["cwe"] == {"4096": 2} and "cwe" not in m["skipped"]
     assert "skipped cwe at 600: cwe at 600" in capsys.readouterr().err
-    # No length fits: the task is skipped as a whole, with the reason.
+    # No length fits: the task has no cell, and its reason is there once.
     assert rl.main(base + ["--lengths", "600", "--out", str(tmp_path / "h")]) == 0
-    assert "does not fit" in json.loads((tmp_path / "h" / "manifest.json").read_text())["skipped"]["cwe"]
+    m = json.loads((tmp_path / "h" / "manifest.json").read_text())
+    assert "cwe" not in m["tasks"] and "cwe" not in m["skipped"] and "does not fit" in m["did_not_fit"]["cwe"]["600"]
     # An error in a later cell: nothing written.
     real = rd.generate_samples
 
