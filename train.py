@@ -29,7 +29,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from focusft_jax import run_dir, setup
+from focusft_jax import job, run_dir
 from focusft_jax.checkpoint import Checkpointer, abstract_like
 from focusft_jax.config import ConfigError, dump_config, load_config
 from focusft_jax.data import ChatLoader, DataError
@@ -106,14 +106,14 @@ def train(cfg, log=print) -> dict:
     if main_process:
         dump_config(cfg, out / "config.yaml")
 
-    builtin = setup.builtin_data(cfg, out)  # generated once, for the tokenizer and the dataset
-    tokenizer, tokenizer_dir = setup.build_tokenizer(cfg, out, log, builtin)
-    dataset = setup.build_dataset(cfg, tokenizer, log, builtin)
+    builtin = job.builtin_data(cfg, out)  # generated once, for the tokenizer and the dataset
+    tokenizer, tokenizer_dir = job.build_tokenizer(cfg, out, log, builtin)
+    dataset = job.build_dataset(cfg, tokenizer, log, builtin)
     if main_process:
-        skipped_file = setup.write_skipped_rows(out, dataset.stats)
+        skipped_file = job.write_skipped_rows(out, dataset.stats)
         if dataset.stats.skipped_total:
             log(f"data: the {dataset.stats.skipped_total} skipped rows are listed in {skipped_file}")
-    model_cfg, params, hf_config = setup.build_model(cfg, tokenizer)
+    model_cfg, params, hf_config = job.build_model(cfg, tokenizer)
     fcfg = cfg.method
 
     log(f"{jax.device_count()} devices ({jax.default_backend()}), {jax.process_count()} process(es); "
@@ -171,8 +171,8 @@ def train(cfg, log=print) -> dict:
     # device, and the next batch is collated while the device computes.
     step = start_step = int(state.step)
     first_loss = last_loss = None
-    data_counts = setup.data_metrics(dataset.stats)  # in the first row this run logs
-    progress = setup.progress_bar(total_steps, start_step, enabled=cfg.logging.progress and main_process)
+    data_counts = job.data_metrics(dataset.stats)  # in the first row this run logs
+    progress = job.progress_bar(total_steps, start_step, enabled=cfg.logging.progress and main_process)
     # Steps skipped in a row (train.max_consecutive_skipped), read one step
     # late: the flag of the step before, while this one computes.
     skip_limit, skipped_run, previous_flag, diverged = cfg.train.max_consecutive_skipped, 0, None, False
@@ -202,7 +202,7 @@ def train(cfg, log=print) -> dict:
                 metrics = {k: np.asarray(v) for k, v in metrics.items()}
                 metrics.update(lr=float(schedule(step)), tokens_per_s=tokens_since / (now - t_last),
                                skipped_steps=int(state.skipped), epoch=batch.epoch, data_step=batch.step,
-                               batch_checksum=setup.checksum(batch.arrays["input_ids"]))
+                               batch_checksum=job.checksum(batch.arrays["input_ids"]))
                 t_last, tokens_since = now, 0
                 if cfg.logging.diagnostics_every and (step + 1) % cfg.logging.diagnostics_every == 0:
                     first = {k: v[0] for k, v in arrays.items()}
@@ -219,7 +219,7 @@ def train(cfg, log=print) -> dict:
                 row = logger.log(step + 1, metrics)
                 last_loss = (row["loss"], row["base_loss"])
                 first_loss = last_loss if first_loss is None else first_loss
-                progress.set_postfix(setup.postfix(row), refresh=False)
+                progress.set_postfix(job.postfix(row), refresh=False)
             progress.update(1)
             step += 1
             ckpt.poll()  # checksums of an async save as soon as it is finalized
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
         return 3
     if jax.process_index() == 0:
         if not summary.get("preempted"):
-            print(setup.final_summary(summary), file=sys.stderr)
+            print(job.final_summary(summary), file=sys.stderr)
         print(json.dumps(summary))
     return 0
 
