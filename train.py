@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import sys
 
-from focusft_jax.train import main, train  # noqa: F401  (train: for `import train; train.train(cfg)`)
+from focusft_jax.train import main, train
+
+__all__ = ["main", "train"]  # `import train; train.train(cfg)` as before the move
 
 if __name__ == "__main__":
     sys.exit(main())

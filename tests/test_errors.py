@@ -128,7 +128,7 @@ def test_damaged_safetensors_names_the_file(tmp_path, damage):
 
 
 def test_damaged_safetensors_is_one_error_line_in_the_eval_tools(tmp_path, capsys):
-    from eval.cli import run_cli
+    from focusft_jax.evaluation.cli import run_cli
 
     d = _model_dir(tmp_path, TINY_HF_CONFIG, os.urandom(100))
     assert run_cli(lambda: load_hf(d) and 0) == 2

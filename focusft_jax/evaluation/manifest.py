@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterable
 
-from eval.errors import EvalError
+from focusft_jax.evaluation.errors import EvalError
 
 BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmarks"
 

@@ -17,10 +17,10 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from eval.errors import EvalError, check_choice
+from focusft_jax.evaluation.errors import EvalError, check_choice
 from focusft_jax.attention import ATTENTION_IMPLS as LIBRARY_ATTENTION_IMPLS
 from focusft_jax.generate import PREFILL_ATTENTIONS
-from eval.model_dir import load_model, special_ids
+from focusft_jax.evaluation.model_dir import load_model, special_ids
 
 GenerateFn = Callable[[list[str]], list[str]]
 
