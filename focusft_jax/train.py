@@ -1,7 +1,8 @@
 """Fine-tune a Llama/Qwen-family model with FocuSFT (or an SFT baseline).
 
-    focusft-train --config tiny [optim.lr=2e-5 ...]               (installed)
+    focusft-train --config tiny [optim.lr=2e-5 ...]                        (installed)
     python train.py --config configs/tiny.yaml [--set optim.lr=2e-5 ...]   (a clone)
+    python train.py --help-config                                           (every config key)
 
 Both run `main` of this module (train.py at the top of a clone only calls it).
 
@@ -34,7 +35,8 @@ import numpy as np
 
 from focusft_jax import job, run_dir
 from focusft_jax.checkpoint import Checkpointer, abstract_like
-from focusft_jax.config import ConfigError, dump_config, load_config
+from focusft_jax.config import (ConfigError, config_reference_markdown, config_reference_text, dump_config,
+                                load_config)
 from focusft_jax.data import ChatLoader, DataError
 from focusft_jax.diagnostics import attention_diagnostics
 from focusft_jax.errors import TrainingDiverged
@@ -266,12 +268,44 @@ def train(cfg, log=print) -> dict:
     return summary
 
 
+# Options of main that take a value: a KEY=VALUE after one is that value.
+_VALUE_OPTIONS = ("--config", "--set")
+
+
+def overrides_as_options(argv: list[str]) -> list[str]:
+    """argv with each bare KEY=VALUE (MaxText / tunix style) as `--set
+    KEY=VALUE`, so that both spellings apply in the order given."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _VALUE_OPTIONS and i + 1 < len(argv):
+            out += [arg, argv[i + 1]]
+            i += 2
+            continue
+        out += ["--set", arg] if "=" in arg and not arg.startswith("-") else [arg]
+        i += 1
+    return out
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="FocuSFT fine-tuning (see README.md).")
-    ap.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    ap = argparse.ArgumentParser(
+        description="FocuSFT fine-tuning (see README.md).",
+        epilog="Overrides apply in the order given; `--help-config` lists every key.")
+    ap.add_argument("--config", help="YAML config: a path, or a shipped config's name (e.g. tiny)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key, e.g. --set optim.lr=2e-5 (repeatable)")
-    args = ap.parse_args(argv)
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the same as --set KEY=VALUE")
+    ap.add_argument("--help-config", nargs="?", const="text", choices=("text", "markdown"),
+                    help="list every config key with its type, default and meaning, and exit "
+                         "(markdown: README.md's table)")
+    args = ap.parse_args(overrides_as_options(list(sys.argv[1:] if argv is None else argv)))
+    if args.help_config:
+        print(config_reference_markdown() if args.help_config == "markdown" else config_reference_text(), end="")
+        return 0
+    if args.overrides:  # every KEY=VALUE became --set: these have no '='
+        ap.error(f"argument {args.overrides[0]!r}: expected a config override KEY=VALUE, e.g. optim.lr=2e-5")
+    if args.config is None:
+        ap.error("the following arguments are required: --config")
     try:
         cfg = load_config(args.config, args.set)
         summary = train(cfg, log=lambda m: print(m, file=sys.stderr))
