@@ -47,7 +47,8 @@ class ModelSection:
     tokenizer: Optional[str] = key(None, "tokenizer directory (must have a chat template)", shown="`model.path`")
     # The numerics, applied to the model of either source (ModelConfig fields):
     param_dtype: Literal[DTYPES] = key("float32", "dtype of the parameters")
-    compute_dtype: Literal[DTYPES] = key("float32", "dtype of the matmuls (norms, RoPE, softmax and logits stay float32)")
+    compute_dtype: Literal[DTYPES] = key(
+        "float32", "dtype of the matmuls (norms, RoPE, softmax and logits stay float32)")
     attention_impl: Literal[tuple(ATTENTION_IMPLS)] = key(
         "blockwise", "`blockwise` (memory linear in length) or `dense`")
     remat: Literal[REMAT_POLICIES] = key(
@@ -86,7 +87,8 @@ class DataSection:
                                                         "drop its start, its end, or stop")
     packing: bool = key(False, "pack several conversations per row (segment-aware masks)")
     bucket_size: int = key(256, "rows are padded to multiples of this")
-    on_bad_row: Literal["error", "skip"] = key("error", "`error` (stop with file and row) or `skip` (count in the logs)")
+    on_bad_row: Literal["error", "skip"] = key(
+        "error", "`error` (stop with file and row) or `skip` (count in the logs)")
     shuffle_seed: int = key(0, "per-epoch shuffle seed")
 
 
@@ -127,7 +129,8 @@ class MeshSection:
     fsdp: int = key(1, "parameter-sharding (FSDP) mesh axis, or -1")
     tensor: int = key(1, "tensor-parallel mesh axis, or -1")
     distributed: Literal["auto", "on", "off"] = key(
-        "auto", "`jax.distributed.initialize()`: `auto` (when a multi-host launcher's environment is present), `on`, `off`")
+        "auto", "`jax.distributed.initialize()`: `auto` (when a multi-host launcher's environment is present), "
+        "`on`, `off`")
 
 
 @dataclasses.dataclass
