@@ -6,7 +6,7 @@ tokenizer from `build_chat_tokenizer`, random weights written by `save_hf`),
 or uses --checkpoint DIR. For each length it makes RULER samples (default
 niah_single_1, plain prompts) fitted to the length with the model's tokenizer,
 exactly as `python -m eval.ruler` does, and runs them through
-`eval.runner.run_generation` with `eval.runner.make_generate_fn` (the code
+`focusft_jax.evaluation.runner.run_generation` with `focusft_jax.evaluation.runner.make_generate_fn` (the code
 path of both eval CLIs) for each prefill attention implementation
 (`--attention-impl dense|blockwise`; ModelConfig.attention_impl of the prompt
 forward; decode steps are dense either way).

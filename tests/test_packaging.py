@@ -6,6 +6,7 @@ then used from outside the clone."""
 from __future__ import annotations
 
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# What pyproject.toml's build reads (the package, its data, the metadata files).
+BUILD_INPUTS = ("pyproject.toml", "README.md", "requirements.txt", "focusft_jax", "configs")
 
 
 def _run(cmd, cwd, timeout=120):
@@ -23,9 +26,18 @@ def _run(cmd, cwd, timeout=120):
 
 
 def test_wheel_installs_and_its_commands_run_outside_the_clone(tmp_path):
+    # Built from a copy of what the build reads: setuptools writes build/ and
+    # *.egg-info beside the sources, and a stale build/lib would end up in the wheel.
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in BUILD_INPUTS:
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(REPO / name, src / name)
     # --no-build-isolation: the build uses this environment's setuptools (no index needed)
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist",
-          REPO], cwd=tmp_path)
+          src], cwd=tmp_path)
     [wheel] = (tmp_path / "dist").glob("focusft_jax-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     modules = {p.relative_to(REPO).as_posix() for p in (REPO / "focusft_jax").rglob("*.py")}
@@ -46,12 +58,16 @@ def test_wheel_installs_and_its_commands_run_outside_the_clone(tmp_path):
     work = tmp_path / "elsewhere"  # cwd outside the clone: the import must come from the installed wheel
     work.mkdir()
     where = _run([python, "-c", "import focusft_jax.evaluation.manifest as m, focusft_jax; "
-                  "print(focusft_jax.__file__); print(m.load_benchmark('ruler') is not None)"], cwd=work)
-    assert str(venv) in where.splitlines()[0] and where.splitlines()[1] == "True"
+                  "print(focusft_jax.__file__); print(m.load_benchmark('ruler') is not None); "
+                  "print(m.git_commit(), m.package_version('focusft-jax'))"], cwd=work)
+    imported_from, benchmark, recorded = where.splitlines()
+    assert str(venv) in imported_from and benchmark == "True"
+    assert recorded.startswith("None ") and recorded != "None None"  # an evaluation's manifest: version, no commit
     assert "--help-config" in _run([bin_dir / "focusft-train", "--help"], cwd=work)
     assert "model.init.hidden_size" in _run([bin_dir / "focusft-train", "--help-config"], cwd=work)
     for tool in ("babilong", "ruler", "generate"):
         assert "--checkpoint" in _run([bin_dir / f"focusft-{tool}", "--help"], cwd=work)
     # the shipped config, by name, from the installed package
-    shipped = _run([python, "-c", "from focusft_jax.config import resolve_config_path as r; print(r('tiny'))"], cwd=work)
+    code = "from focusft_jax.config import resolve_config_path; print(resolve_config_path('tiny'))"
+    shipped = _run([python, "-c", code], cwd=work)
     assert shipped.strip().startswith(str(venv))

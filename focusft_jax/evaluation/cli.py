@@ -24,7 +24,7 @@ def add_model_options(ap: argparse.ArgumentParser, *, checkpoint_required: bool 
         default=None,
         choices=PREFILL_ATTENTIONS,
         help="how the prompt is read; default glm_bidir for a model trained from scratch with glm_bidir "
-        "(its focusft.json says so), else causal (eval.trained_defaults)",
+        "(its focusft.json says so), else causal (focusft_jax/evaluation/trained_defaults.py)",
     )
     ap.add_argument(
         "--attention-impl",

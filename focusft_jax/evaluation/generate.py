@@ -20,10 +20,10 @@ adding special tokens again. Without --chat the prompt is encoded with the
 tokenizer's default special-token handling (e.g. a BOS where the tokenizer
 adds one). Temperature 0 (the default) is greedy decoding.
 
-EOS and padding ids follow `eval.model_dir`: EOS from generation_config.json
+EOS and padding ids follow `focusft_jax.evaluation.model_dir`: EOS from generation_config.json
 (eos_token_id: an int or a list), else config.json, else the tokenizer's eos
 token. The prompt forward's attention implementation is chosen by prompt
-length as in the evaluation harness (`eval.runner.prefill_attention_impl`).
+length as in the evaluation harness (`focusft_jax.evaluation.runner.prefill_attention_impl`).
 
 A prompt whose tokens plus --max-new-tokens run past the model's
 max_position_embeddings is generated anyway (the positions are computed, but
@@ -84,7 +84,7 @@ def run(
     chat: each prompt as one user message with the generation prompt (the
     tokenizer's chat template), encoded without adding special tokens again.
     attention_impl: the prompt forward's attention implementation
-    (`eval.runner.prefill_attention_impl`): "auto" is blockwise
+    (`focusft_jax.evaluation.runner.prefill_attention_impl`): "auto" is blockwise
     (memory-efficient) for long prompts, dense for short ones."""
     if not prompts:
         raise EvalError("give at least one --prompt")

@@ -150,9 +150,9 @@ def make_generate_fn(
     and blockwise (memory-efficient, never builds P x P scores) from
     BLOCKWISE_FROM_TOKENS padded prompt tokens on, per batch.
 
-    The model is loaded once per checkpoint (`eval.model_dir.load_model`),
+    The model is loaded once per checkpoint (`focusft_jax.evaluation.model_dir.load_model`),
     so asking again for another `max_new_tokens` is cheap. EOS and padding
-    ids follow `eval.model_dir`'s precedence.
+    ids follow `focusft_jax.evaluation.model_dir`'s precedence.
     """
     check_choice("--prefill-attention", prefill_attention, PREFILL_ATTENTIONS)
     check_choice("--attention-impl", attention_impl, ATTENTION_IMPLS)
