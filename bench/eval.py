@@ -6,7 +6,7 @@ tokenizer from `build_chat_tokenizer`, random weights written by `save_hf`),
 or uses --checkpoint DIR. For each length it makes RULER samples (default
 niah_single_1, plain prompts) fitted to the length with the model's tokenizer,
 exactly as `python -m eval.ruler` does, and runs them through
-`eval.runner.run_generation` with `eval.runner.make_generate_fn` (the code
+`focusft_jax.evaluation.runner.run_generation` with `focusft_jax.evaluation.runner.make_generate_fn` (the code
 path of both eval CLIs) for each prefill attention implementation
 (`--attention-impl dense|blockwise`; ModelConfig.attention_impl of the prompt
 forward; decode steps are dense either way).
@@ -54,8 +54,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def _texts():
     import random
 
-    from eval import wordlists
-    from eval.manifest import load_benchmark
+    from focusft_jax.evaluation import wordlists
+    from focusft_jax.evaluation.manifest import load_benchmark
     from focusft_jax.data.babi import filler_sentences
 
     rng = random.Random(0)
@@ -97,7 +97,7 @@ def build_model_dir(out: Path, layers: int, hidden: int, vocab: int, heads: int,
 
 def _runner(model_dir, prompts, budgets, batch_size, max_new, add_special, impl):
     """A no-argument function running the prompts through the eval harness."""
-    from eval.runner import make_generate_fn, run_generation
+    from focusft_jax.evaluation.runner import make_generate_fn, run_generation
 
     fn = make_generate_fn(model_dir, batch_size, "causal", max_new, add_special_tokens=add_special, attention_impl=impl)
     return lambda: run_generation(prompts, fn, batch_size=batch_size, lengths=budgets, progress=False)
@@ -119,8 +119,8 @@ def xla_temp_bytes(model_dir, prompts, batch: int, max_new: int, impl: str, add_
     import jax.numpy as jnp
 
     import focusft_jax.generate as gen
-    from eval.model_dir import load_model, special_ids
-    from eval.runner import encode_prompts
+    from focusft_jax.evaluation.model_dir import load_model, special_ids
+    from focusft_jax.evaluation.runner import encode_prompts
 
     model, tok = load_model(model_dir)
     ids = encode_prompts(tok, prompts[:batch], add_special_tokens=add_special_tokens)
@@ -156,9 +156,9 @@ def main(argv=None) -> dict:
 
     import jax
 
-    from eval import ruler_data as rd
-    from eval.model_dir import load_model
-    from eval.runner import BLOCKWISE_FROM_TOKENS, prefill_attention_impl
+    from focusft_jax.evaluation import ruler_data as rd
+    from focusft_jax.evaluation.model_dir import load_model
+    from focusft_jax.evaluation.runner import BLOCKWISE_FROM_TOKENS, prefill_attention_impl
     from focusft_jax.generate import bucket_length
 
     lengths = [int(x) for x in args.lengths.split(",") if x.strip()]

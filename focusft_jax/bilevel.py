@@ -52,24 +52,44 @@ META_GRADIENTS = ("first_order", "full")
 class FocusConfig:
     """Static settings of the method (METHOD.md defaults). Also the YAML
     `method:` section itself (config.py builds it from the field types); an
-    impossible value raises ConfigError naming the field. The number of
+    impossible value raises ConfigError naming the field; each field's meaning
+    is its metadata "help" (`train.py --help-config`). The number of
     scored positions is not a setting: it is a shape of the batch (its
     loss_index / loss_target / loss_weight keys, `loss.loss_targets`)."""
 
-    num_inner_steps: int = 2
-    inner_lr: float = 1.0
-    inner_clip: float = 1.0
-    rank: int = 32
-    alpha: float = 64.0
-    fraction: float = 0.35
-    targets: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
-    scope: Literal[SCOPES] = "per_example"
-    meta_gradient: Literal[META_GRADIENTS] = "first_order"
-    attention: Literal[ATTENTION_KINDS] = "glm_bidir"
-    # first_order (and SFT, num_inner_steps 0) through first_order.py's
-    # memory-lean custom VJP (same value and gradient; reverse mode only).
-    # False: JAX autodiff of this file.
-    fused_first_order: bool = True
+    num_inner_steps: int = dataclasses.field(
+        default=2,
+        metadata={"help": "K, the inner SGD steps on the fast weights; 0 is SFT"},
+    )
+    inner_lr: float = dataclasses.field(default=1.0, metadata={"help": "inner SGD learning rate"})
+    inner_clip: float = dataclasses.field(default=1.0, metadata={"help": "inner per-tensor gradient clip norm"})
+    rank: int = dataclasses.field(default=32, metadata={"help": "fast LoRA rank"})
+    alpha: float = dataclasses.field(default=64.0, metadata={"help": "fast LoRA alpha (scale alpha / rank)"})
+    fraction: float = dataclasses.field(default=0.35, metadata={"help": "top fraction of layers with fast weights"})
+    targets: tuple[str, ...] = dataclasses.field(
+        default=("gate_proj", "up_proj", "down_proj"),
+        metadata={"help": "projections with fast weights: any of q/k/v/o/gate/up/down `_proj`"},
+    )
+    scope: Literal[SCOPES] = dataclasses.field(
+        default="per_example",
+        metadata={"help": "`per_example` or `shared` (one memory per batch)"},
+    )
+    meta_gradient: Literal[META_GRADIENTS] = dataclasses.field(
+        default="first_order",
+        metadata={"help": "the outer gradient: `first_order` or `full` (through the inner loop)"},
+    )
+    attention: Literal[ATTENTION_KINDS] = dataclasses.field(
+        default="glm_bidir",
+        metadata={"help": "`glm_bidir` or `causal` (the ablation / plain SFT)"},
+    )
+    fused_first_order: bool = dataclasses.field(
+        default=True,
+        metadata={"help": (
+            "`first_order` and SFT (`num_inner_steps: 0`) through `focusft_jax/first_order.py` (same loss and"
+            " gradient; FocuSFT in about 1.1× SFT's temporary memory instead of 1.7×; reverse mode only); "
+            "`false`: plain JAX autodiff of `bilevel.py`"
+        )},
+    )
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))

@@ -55,8 +55,9 @@ class ModelConfig:
 
     Also the YAML `model.init:` section itself (a model built from scratch;
     config.py builds it from the field types): every architecture field has a
-    default, and a field with metadata {"config": False} is not a key of that
-    section (the numerics are keys of `model:`, applied with `replace`).
+    default and its meaning as metadata "help" (`train.py --help-config`), and
+    a field with metadata {"config": False} is not a key of that section (the
+    numerics are keys of `model:`, applied with `replace`).
     An impossible value raises ConfigError (a ValueError) naming the field.
 
     vocab_size: None only in a config template ("the tokenizer's size", filled
@@ -76,26 +77,47 @@ class ModelConfig:
     body once, so FLOP counts need the unrolled program.
     """
 
-    family: Literal[FAMILIES] = "qwen2"
-    vocab_size: int | None = None
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int | None = None
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
+    family: Literal[FAMILIES] = dataclasses.field(default="qwen2", metadata={"help": "architecture family"})
+    vocab_size: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": "vocabulary size", "default": "the tokenizer's size"},
+    )
+    hidden_size: int = dataclasses.field(default=128, metadata={"help": "model width"})
+    intermediate_size: int = dataclasses.field(default=384, metadata={"help": "MLP width"})
+    num_layers: int = dataclasses.field(default=4, metadata={"help": "decoder layers"})
+    num_heads: int = dataclasses.field(default=4, metadata={"help": "attention heads"})
+    num_kv_heads: int = dataclasses.field(default=2, metadata={"help": "key/value heads (grouped-query attention)"})
+    head_dim: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": "width of a head", "default": "hidden_size / num_heads"},
+    )
+    rms_norm_eps: float = dataclasses.field(default=1e-6, metadata={"help": "RMSNorm epsilon"})
+    rope_theta: float = dataclasses.field(default=10000.0, metadata={"help": "RoPE base"})
     # Not YAML keys: a RoPE variant needs rope_scaling's parameters (set from an imported config.json).
     rope_type: Literal[ROPE_TYPES] = dataclasses.field(default="default", metadata={"config": False})
     rope_scaling: tuple = dataclasses.field(default=(), metadata={"config": False})
-    max_position_embeddings: int = 32768
-    tie_word_embeddings: bool = False
-    qkv_bias: bool | None = None
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool | None = None
-    sliding_window: int | None = None
+    max_position_embeddings: int = dataclasses.field(
+        default=32768,
+        metadata={"help": "the longest context the model is built for"},
+    )
+    tie_word_embeddings: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "the output head shares the input embedding"},
+    )
+    qkv_bias: bool | None = dataclasses.field(
+        default=None,
+        metadata={"help": "biases on the q/k/v projections", "default": "true for qwen2"},
+    )
+    o_bias: bool = dataclasses.field(default=False, metadata={"help": "bias on the attention output projection"})
+    mlp_bias: bool = dataclasses.field(default=False, metadata={"help": "biases on the MLP projections"})
+    qk_norm: bool | None = dataclasses.field(
+        default=None,
+        metadata={"help": "RMSNorm of queries and keys", "default": "true for qwen3"},
+    )
+    sliding_window: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": "sliding-window attention span in tokens; null: full attention"},
+    )
     # Numerics: keys of the YAML `model:` section, not of `model.init:`.
     param_dtype: Literal[DTYPES] = dataclasses.field(default="float32", metadata={"config": False})
     compute_dtype: Literal[DTYPES] = dataclasses.field(default="float32", metadata={"config": False})

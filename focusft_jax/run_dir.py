@@ -53,7 +53,7 @@ HARMLESS_KEYS = (
     "model.remat",
 )
 
-# What the trainer writes in OUTPUT_DIR (train.py, setup.py, this module);
+# What the trainer writes in OUTPUT_DIR (train.py, job.py, this module);
 # train.overwrite removes exactly these, nothing else.
 TRAINER_OUTPUTS = (
     "config.yaml",

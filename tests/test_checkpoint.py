@@ -143,7 +143,9 @@ def test_train_main_turns_a_checkpoint_error_into_an_error_line(monkeypatch, cap
     def fail(cfg, log):
         raise CheckpointError("no checkpoint in /x/checkpoints verifies: /x/checkpoints/3 (broken)")
 
-    monkeypatch.setattr(train, "train", fail)
+    import focusft_jax.train  # the script only calls its main, which calls this module's train
+
+    monkeypatch.setattr(focusft_jax.train, "train", fail)
     assert train.main(["--config", str(ROOT / "configs" / "tiny.yaml"),
                        "--set", f"train.output_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -159,3 +159,79 @@ def test_saved_config_round_trips(tmp_path):
         cfg = load_config(source)
         dump_config(cfg, tmp_path / "saved.yaml")
         assert load_config(tmp_path / "saved.yaml") == cfg
+
+
+# --- the command line and the config reference ------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- config-reference: begin", "<!-- config-reference: end -->"
+
+
+def test_readme_config_table_is_the_generated_reference():
+    import difflib
+
+    from focusft_jax.config import config_reference_markdown
+
+    text = README.read_text()
+    begin = text.index("\n", text.index(BEGIN)) + 1
+    in_readme = text[begin:text.index(END)]
+    generated = config_reference_markdown()
+    diff = "".join(difflib.unified_diff(in_readme.splitlines(True), generated.splitlines(True),
+                                        "README.md", "python train.py --help-config markdown"))
+    assert in_readme == generated, (
+        "README.md's config table differs from the config dataclasses; paste the output of "
+        "`python train.py --help-config markdown` between its config-reference markers:\n" + diff)
+
+
+def test_every_config_key_has_a_meaning_and_is_listed():
+    from focusft_jax.config import config_reference, is_config_key
+
+    rows = config_reference()
+    keys = [r[0] for r in rows]
+    assert len(keys) == len(set(keys)) and all(is_config_key(k) for k in keys)
+    # every leaf key, including the nested sections' keys
+    assert {"model.path", "model.init.hidden_size", "data.builtin.tasks", "method.fused_first_order",
+            "logging.progress"} <= set(keys)
+    assert all(meaning for *_, meaning in rows)
+    row = dict((k, (t, d)) for k, t, d, _ in rows)
+    assert row["model.remat"] == ("one of `none`, `full`, `dots`", "`none`")
+    assert row["train.max_steps"] == ("int or null", "–") and row["optim.lr"] == ("float", "1e-05")
+
+
+def test_help_config_prints_the_reference(capsys):
+    from focusft_jax.config import config_reference_text
+    from focusft_jax.train import main
+
+    assert main(["--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert out == config_reference_text() and "optim.lr  (float; default 1e-05)\n    AdamW peak" in out
+
+
+def test_bare_key_value_overrides_apply_in_order_with_set(monkeypatch):
+    import focusft_jax.train as train_mod
+
+    seen = {}
+    monkeypatch.setattr(train_mod, "load_config", lambda path, sets: seen.update(path=path, sets=sets) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train_mod.main(["optim.lr=1e-4", "--config", "tiny", "--set", "optim.lr=2e-5", "train.seed=3"])
+    assert seen == {"path": "tiny", "sets": ["optim.lr=1e-4", "optim.lr=2e-5", "train.seed=3"]}
+    # a value of --set / --config that contains '=' stays that option's value
+    assert train_mod.overrides_as_options(["--config", "a=b.yaml", "x.y=1"]) == ["--config", "a=b.yaml", "--set", "x.y=1"]
+
+
+def test_bare_argument_without_equals_is_an_error_naming_it(capsys):
+    from focusft_jax.train import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--config", "tiny", "optim.lr"])
+    assert e.value.code == 2 and "argument 'optim.lr': expected a config override KEY=VALUE" in capsys.readouterr().err
+
+
+def test_config_by_shipped_name(tmp_path, monkeypatch):
+    from focusft_jax.config import resolve_config_path
+
+    monkeypatch.chdir(tmp_path)  # not found as a path: the shipped configs/tiny.yaml
+    assert resolve_config_path("tiny") == resolve_config_path("tiny.yaml") == CONFIGS / "tiny.yaml"
+    assert load_config("tiny").train == load_config(CONFIGS / "tiny.yaml").train
+    with pytest.raises(ConfigError, match=r"config file nope does not exist \(nor is it a shipped config: .*tiny"):
+        load_config("nope")

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from focusft_jax import run_dir, setup
+from focusft_jax import job, run_dir
 from focusft_jax.data import load_chat_dataset, parse_record, read_rows
 from focusft_jax.errors import CheckpointError, ConfigError, DataError
 from focusft_jax.hf import load_hf
@@ -128,7 +128,7 @@ def test_damaged_safetensors_names_the_file(tmp_path, damage):
 
 
 def test_damaged_safetensors_is_one_error_line_in_the_eval_tools(tmp_path, capsys):
-    from eval.cli import run_cli
+    from focusft_jax.evaluation.cli import run_cli
 
     d = _model_dir(tmp_path, TINY_HF_CONFIG, os.urandom(100))
     assert run_cli(lambda: load_hf(d) and 0) == 2
@@ -183,7 +183,7 @@ def test_tokenizer_directory_without_tokenizer_files(tmp_path):
     d = _model_dir(tmp_path, TINY_HF_CONFIG)  # a model directory, but no tokenizer files
     cfg = SimpleNamespace(model=SimpleNamespace(tokenizer=str(d), path=None))
     with pytest.raises(ConfigError, match=rf"model\.tokenizer: {d} has no tokenizer files") as e:
-        setup.build_tokenizer(cfg, tmp_path / "out", print, None)
+        job.build_tokenizer(cfg, tmp_path / "out", print, None)
     assert "chat template" not in str(e.value)
 
 

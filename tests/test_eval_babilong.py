@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from eval import babilong as bl
-from eval import babilong_data as bd
-from eval.errors import EvalError
-from eval.heatmap import heatmap_figure
-from eval.manifest import BENCHMARK_DIR, MANIFEST_KEYS
-from eval.runner import length_sorted_batches, run_generation
+from focusft_jax.evaluation import babilong as bl
+from focusft_jax.evaluation import babilong_data as bd
+from focusft_jax.evaluation.errors import EvalError
+from focusft_jax.evaluation.heatmap import heatmap_figure
+from focusft_jax.evaluation.manifest import BENCHMARK_DIR, MANIFEST_KEYS
+from focusft_jax.evaluation.runner import length_sorted_batches, run_generation
 
 LABELS = bl.BENCH["task_labels"]
 P = bl.BENCH["prompts"]
@@ -471,7 +471,7 @@ def test_cli_prompts_only_local_and_errors(tmp_path, capsys):
 @pytest.mark.parametrize("tool", ["babilong", "ruler"])
 @pytest.mark.parametrize("samples", ["0", "-3", "many"])
 def test_cli_samples_below_one_is_a_usage_error(tool, samples, capsys):
-    from eval import ruler
+    from focusft_jax.evaluation import ruler
 
     parser = {"babilong": bl, "ruler": ruler}[tool].build_parser()
     with pytest.raises(SystemExit) as e:

@@ -23,15 +23,15 @@ import shutil
 import numpy as np
 import pytest
 
-from eval import babilong as bl
-from eval import ruler as rl
-from eval import ruler_data as rd
-from eval import runner
-from eval.errors import EvalError
-from eval.jsonio import read_jsonl
-from eval.manifest import MANIFEST_KEYS, load_benchmark
-from eval.runner import length_sorted_batches, prefill_attention_impl
-from eval.tokenizing import chat_wrap, count_tokens, load_tokenizer, missing_tokenizer, use_chat_template
+from focusft_jax.evaluation import babilong as bl
+from focusft_jax.evaluation import ruler as rl
+from focusft_jax.evaluation import ruler_data as rd
+from focusft_jax.evaluation import runner
+from focusft_jax.evaluation.errors import EvalError
+from focusft_jax.evaluation.jsonio import read_jsonl
+from focusft_jax.evaluation.manifest import MANIFEST_KEYS, load_benchmark
+from focusft_jax.evaluation.runner import length_sorted_batches, prefill_attention_impl
+from focusft_jax.evaluation.tokenizing import chat_wrap, count_tokens, load_tokenizer, missing_tokenizer, use_chat_template
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RULER_TASKS = ("niah_single_1", "vt", "cwe", "fwe")
@@ -42,7 +42,7 @@ RULER_LENGTH = 1024
 
 
 def _training_texts() -> list[str]:
-    from eval import wordlists
+    from focusft_jax.evaluation import wordlists
     from focusft_jax.data.babi import babi_story, filler_sentences
 
     rng = random.Random(0)
@@ -344,7 +344,7 @@ def test_blockwise_prefill_generates_like_dense(model_dir):
 def test_missing_tokenizer_is_an_error_naming_the_directory(model_dir, tmp_path, capsys):
     """transformers 5 silently builds an empty tokenizer for a directory with
     config.json but no tokenizer files; the harness refuses it."""
-    from eval import generate as eg
+    from focusft_jax.evaluation import generate as eg
 
     bare = tmp_path / "no_tokenizer"
     bare.mkdir()

@@ -9,9 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from eval.cli import add_model_options, add_run_options, run_cli
-from eval.errors import EvalError
-from eval.model_dir import eos_ids, pad_id, special_ids
+from focusft_jax.evaluation.cli import add_model_options, add_run_options, run_cli
+from focusft_jax.evaluation.errors import EvalError
+from focusft_jax.evaluation.model_dir import eos_ids, pad_id, special_ids
 from focusft_jax.errors import CheckpointError, ConfigError, DataError
 
 

@@ -11,12 +11,12 @@ from collections import Counter
 
 import pytest
 
-from eval import ruler as rl
-from eval import ruler_data as rd
-from eval import wordlists
-from eval.errors import EvalError
-from eval.manifest import BENCHMARK_DIR, MANIFEST_KEYS
-from eval.tokenizing import load_tokenizer
+from focusft_jax.evaluation import ruler as rl
+from focusft_jax.evaluation import ruler_data as rd
+from focusft_jax.evaluation import wordlists
+from focusft_jax.evaluation.errors import EvalError
+from focusft_jax.evaluation.manifest import BENCHMARK_DIR, MANIFEST_KEYS
+from focusft_jax.evaluation.tokenizing import load_tokenizer
 
 FAM = rd.FAMILIES
 

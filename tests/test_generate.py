@@ -301,7 +301,7 @@ def test_cli_reports_missing_tokenizer(tiny_model_dir):
 
 
 def test_prompt_past_max_position_embeddings_is_warned_about():
-    from eval.generate import context_warnings
+    from focusft_jax.evaluation.generate import context_warnings
 
     msgs = context_warnings([10, 60, 40], max_new_tokens=8, limit=50)
     assert len(msgs) == 1 and "prompt 1: 60 tokens" in msgs[0] and "max_position_embeddings 50" in msgs[0]

@@ -273,18 +273,18 @@ def test_shipped_tiny_config_is_valid():
 
 
 def test_missing_inner_loss_is_logged_as_null(tmp_path):
-    from focusft_jax import setup
+    from focusft_jax import job
     from focusft_jax.metrics_log import MetricsLogger
 
     logger = MetricsLogger(tmp_path, tensorboard=False)
     row = logger.log(1, {"loss": np.float32(2.5), "inner_losses": np.array([np.nan, 1.5], np.float32)})
     logger.close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["inner_losses"] == [None, 1.5]
-    assert setup.postfix(row)["inner"] == "-/1.500"  # missing, not a loss of 0
+    assert job.postfix(row)["inner"] == "-/1.500"  # missing, not a loss of 0
 
 
 def test_skipped_rows_are_written_and_counted(tmp_path):
-    from focusft_jax import setup
+    from focusft_jax import job
     from focusft_jax.data import DataError, DataStats
     from focusft_jax.data.loader import skipped_row
     from focusft_jax.metrics_log import MetricsLogger
@@ -292,12 +292,12 @@ def test_skipped_rows_are_written_and_counted(tmp_path):
     stats = DataStats(rows=5, examples=3, skipped={"unknown_role": 1, "too_long": 1})
     stats.skipped_rows = [skipped_row(DataError("d/a b.jsonl line 2", "role 'robot'", "unknown_role")),
                           skipped_row(DataError("d/c.parquet row 4", "too long", "too_long"))]
-    path = setup.write_skipped_rows(tmp_path, stats)
+    path = job.write_skipped_rows(tmp_path, stats)
     assert [json.loads(l) for l in path.read_text().splitlines()] == [
         {"file": "d/a b.jsonl", "line": 2, "reason": "unknown_role", "problem": "role 'robot'"},
         {"file": "d/c.parquet", "row": 4, "reason": "too_long", "problem": "too long"}]
     logger = MetricsLogger(tmp_path, tensorboard=False)
-    logger.log(1, {"loss": 1.0, **setup.data_metrics(stats)})
+    logger.log(1, {"loss": 1.0, **job.data_metrics(stats)})
     logger.close()
     row = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert row["data_skipped_rows"] == 2 and row["data_skipped_by_reason"] == {"unknown_role": 1, "too_long": 1}

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from eval import babilong, ruler
-from eval.trained_defaults import Defaults
+from focusft_jax.evaluation import babilong, ruler
+from focusft_jax.evaluation.trained_defaults import Defaults
 from focusft_jax import hf
 from focusft_jax.config import load_config
 from focusft_jax.errors import CheckpointError
@@ -147,7 +147,7 @@ def test_generate_chat_and_prefill_defaults(tmp_path):
     assert logged[2].startswith("warning: --prefill-attention glm_bidir: this model was trained with causal attention")
     none = Defaults(None, log=logged.append)
     assert none.chat(None) is False and none.prefill_attention(None) == "causal" and len(logged) == 3
-    from eval.generate import parse_args
+    from focusft_jax.evaluation.generate import parse_args
 
     assert parse_args(["--checkpoint", "m", "--prompt", "x"]).chat is None
     assert parse_args(["--checkpoint", "m", "--prompt", "x", "--no-chat"]).chat is False

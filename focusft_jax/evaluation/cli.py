@@ -7,9 +7,9 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from eval.errors import EvalError
-from eval.runner import ATTENTION_IMPLS, PREFILL_ATTENTIONS
-from eval.tokenizing import CHAT_MODES
+from focusft_jax.evaluation.errors import EvalError
+from focusft_jax.evaluation.runner import ATTENTION_IMPLS, PREFILL_ATTENTIONS
+from focusft_jax.evaluation.tokenizing import CHAT_MODES
 from focusft_jax.errors import CheckpointError, ConfigError, DataError
 
 # Errors whose message tells the user what to fix; anything else is a bug and keeps its traceback.
@@ -24,7 +24,7 @@ def add_model_options(ap: argparse.ArgumentParser, *, checkpoint_required: bool 
         default=None,
         choices=PREFILL_ATTENTIONS,
         help="how the prompt is read; default glm_bidir for a model trained from scratch with glm_bidir "
-        "(its focusft.json says so), else causal (eval.trained_defaults)",
+        "(its focusft.json says so), else causal (focusft_jax/evaluation/trained_defaults.py)",
     )
     ap.add_argument(
         "--attention-impl",

@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from eval.jsonio import read_json_object
-from eval.tokenizing import load_tokenizer
+from focusft_jax.evaluation.jsonio import read_json_object
+from focusft_jax.evaluation.tokenizing import load_tokenizer
 
 _MODEL_CACHE: dict[tuple[str, str | None], tuple[Any, Any]] = {}
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from eval.errors import EvalError
+from focusft_jax.evaluation.errors import EvalError
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from eval.jsonio import write_json
+from focusft_jax.evaluation.jsonio import write_json
 
 
 def fmt_cell(x: float | None, digits: int = 1) -> str:

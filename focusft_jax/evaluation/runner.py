@@ -17,10 +17,10 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from eval.errors import EvalError, check_choice
+from focusft_jax.evaluation.errors import EvalError, check_choice
 from focusft_jax.attention import ATTENTION_IMPLS as LIBRARY_ATTENTION_IMPLS
 from focusft_jax.generate import PREFILL_ATTENTIONS
-from eval.model_dir import load_model, special_ids
+from focusft_jax.evaluation.model_dir import load_model, special_ids
 
 GenerateFn = Callable[[list[str]], list[str]]
 
@@ -150,9 +150,9 @@ def make_generate_fn(
     and blockwise (memory-efficient, never builds P x P scores) from
     BLOCKWISE_FROM_TOKENS padded prompt tokens on, per batch.
 
-    The model is loaded once per checkpoint (`eval.model_dir.load_model`),
+    The model is loaded once per checkpoint (`focusft_jax.evaluation.model_dir.load_model`),
     so asking again for another `max_new_tokens` is cheap. EOS and padding
-    ids follow `eval.model_dir`'s precedence.
+    ids follow `focusft_jax.evaluation.model_dir`'s precedence.
     """
     check_choice("--prefill-attention", prefill_attention, PREFILL_ATTENTIONS)
     check_choice("--attention-impl", attention_impl, ATTENTION_IMPLS)

@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Iterable
 
-from eval.errors import EvalError
+from focusft_jax.evaluation.errors import EvalError
 
 BENCHMARK_DIR = Path(__file__).resolve().parent / "benchmarks"
 
@@ -55,11 +55,16 @@ def package_version(name: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """Commit of the focusft-jax checkout running the evaluation (None outside git)."""
+    """Commit of the focusft-jax checkout running the evaluation: None
+    outside a clone (an installed package records its version instead, even
+    where site-packages lies inside some other git repository)."""
+    root = Path(__file__).resolve().parents[2]  # a clone's top: focusft_jax/evaluation/ is two below
+    if not (root / ".git").exists() or not (root / "pyproject.toml").is_file():
+        return None
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
+            cwd=root,
             capture_output=True,
             text=True,
             timeout=10,
@@ -100,6 +105,7 @@ def make_manifest(**fields: Any) -> dict:
     m["software"] = {
         "python": platform.python_version(),
         "focusft_jax_commit": git_commit(),
+        "focusft_jax_version": package_version("focusft-jax"),  # None: run from a clone that is not installed
         **{p: package_version(p) for p in ("transformers", "tokenizers", "jax", "numpy", "wonderwords")},
     }
     return m

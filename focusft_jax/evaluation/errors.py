@@ -1,7 +1,7 @@
 """The evaluation tools' one error class.
 
 The library's errors (ConfigError, DataError, CheckpointError) live in
-`focusft_jax.errors`; `eval.cli.run_cli` prints any of them, or an EvalError,
+`focusft_jax.errors`; `focusft_jax.evaluation.cli.run_cli` prints any of them, or an EvalError,
 as one `error:` line and exits 2.
 """
 from __future__ import annotations

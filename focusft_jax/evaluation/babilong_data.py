@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-from eval.manifest import files_digest
+from focusft_jax.evaluation.manifest import files_digest
 
 # The offline generator lives in the library (the built-in training data uses it too).
 from focusft_jax.data.babi import (  # noqa: F401

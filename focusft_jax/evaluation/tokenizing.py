@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from eval.errors import EvalError, check_choice
+from focusft_jax.evaluation.errors import EvalError, check_choice
 
 CHAT_MODES = ("auto", "on", "off")
 

@@ -46,10 +46,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval import wordlists
-from eval.errors import DoesNotFit, EvalError
-from eval.manifest import files_digest, load_benchmark
-from eval.tokenizing import chat_wrap, count_tokens
+from focusft_jax.evaluation import wordlists
+from focusft_jax.evaluation.errors import DoesNotFit, EvalError
+from focusft_jax.evaluation.manifest import files_digest, load_benchmark
+from focusft_jax.evaluation.tokenizing import chat_wrap, count_tokens
 
 BENCH = load_benchmark("ruler")
 TASKS = tuple(BENCH["tasks"])
