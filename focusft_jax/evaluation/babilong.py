@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 from focusft_jax.evaluation import babilong_data as data
-from focusft_jax.evaluation.cli import add_model_options, add_run_options, parse_list, positive_int, run_cli
+from focusft_jax.evaluation.cli import add_model_options, add_run_options, parse_list, positive_int, prog_name, run_cli
 from focusft_jax.evaluation.errors import EvalError
 from focusft_jax.evaluation.heatmap import write_heatmap
 from focusft_jax.evaluation.jsonio import write_json, write_jsonl
@@ -516,7 +516,7 @@ def load_samples(args) -> tuple[dict, dict, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m eval.babilong", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=prog_name("eval.babilong", "focusft-babilong"), description=__doc__.split("\n\n")[0])
     add_model_options(ap)
     add_run_options(ap)
     ap.add_argument("--tasks", default=None, help="comma-separated, default qa1,...,qa5")

@@ -16,6 +16,12 @@ from focusft_jax.errors import CheckpointError, ConfigError, DataError
 USER_ERRORS = (EvalError, DataError, ConfigError, CheckpointError)
 
 
+def prog_name(clone_module: str, command: str) -> str:
+    """The usage line's program: `python -m eval.X` when run from a clone (the
+    entry module is a .py file), the installed console command otherwise."""
+    return f"python -m {clone_module}" if sys.argv and sys.argv[0].endswith(".py") else command
+
+
 def add_model_options(ap: argparse.ArgumentParser, *, checkpoint_required: bool = False) -> None:
     """--checkpoint, --prefill-attention, --attention-impl: how every tool runs a model."""
     ap.add_argument("--checkpoint", required=checkpoint_required, help="model directory (or Hugging Face hub id)")

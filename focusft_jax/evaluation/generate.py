@@ -40,7 +40,7 @@ import os
 import sys
 from typing import Sequence
 
-from focusft_jax.evaluation.cli import add_model_options, run_cli
+from focusft_jax.evaluation.cli import add_model_options, prog_name, run_cli
 from focusft_jax.evaluation.errors import EvalError
 from focusft_jax.evaluation.model_dir import load_model, special_ids
 from focusft_jax.evaluation.runner import encode_prompts, generate_ids
@@ -127,7 +127,7 @@ def run(
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
-        prog="python -m eval.generate",
+        prog=prog_name("eval.generate", "focusft-generate"),
         description="Generate completions; prints one JSON object per prompt on stdout.",
     )
     add_model_options(ap, checkpoint_required=True)

@@ -44,7 +44,7 @@ from typing import Callable, Mapping, Sequence
 
 from focusft_jax.evaluation import ruler_data as rd
 from focusft_jax.evaluation import wordlists
-from focusft_jax.evaluation.cli import add_model_options, add_run_options, parse_list, positive_int, run_cli
+from focusft_jax.evaluation.cli import add_model_options, add_run_options, parse_list, positive_int, prog_name, run_cli
 from focusft_jax.evaluation.errors import DoesNotFit, EvalError
 from focusft_jax.evaluation.jsonio import read_jsonl, write_json, write_jsonl
 from focusft_jax.evaluation.manifest import files_digest, make_manifest
@@ -288,7 +288,7 @@ def _json_keys(obj):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m eval.ruler", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog=prog_name("eval.ruler", "focusft-ruler"), description=__doc__.split("\n\n")[0])
     add_model_options(ap)
     add_run_options(ap)
     ap.add_argument("--tokenizer", help="tokenizer directory (default: the checkpoint's)")
