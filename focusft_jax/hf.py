@@ -16,15 +16,15 @@ import json
 import os
 import re
 import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file
 
 from focusft_jax.errors import CheckpointError
 
@@ -381,21 +381,85 @@ def load_hf(path_or_id: str | os.PathLike, **overrides) -> HFModel:
 # ---------------------------------------------------------------- export
 
 
-def _to_hf_tensors(cfg: ModelConfig, params: Params) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    host = jax.device_get(params)
+@dataclass(frozen=True)
+class _ExportTensor:
+    """One tensor of the export: its HF name, where it is in our parameters
+    (`path`, and the layer of a stacked leaf), its HF shape and dtype."""
+
+    name: str
+    path: tuple[str, ...]
+    layer: int | None
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _export_plan(cfg: ModelConfig, params: Params) -> list[_ExportTensor]:
+    """The export's tensors in file order, from the parameters' shapes only."""
+    dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    plan = []
     for path, name in hf_names(cfg).items():
-        value = host
+        leaf = params
         for p in path:
-            value = value[p]
-        value = np.asarray(value)
-        if isinstance(name, list):
-            for i, n in enumerate(name):
-                t = value[i]
-                out[n] = np.ascontiguousarray(t.T if path[-1] == "kernel" else t)
-        else:
-            out[name] = np.ascontiguousarray(value.T if path[-1] == "kernel" else value)
-    return out
+            leaf = leaf[p]
+        shape = tuple(leaf.shape[1:] if isinstance(name, list) else leaf.shape)
+        if path[-1] == "kernel":
+            shape = shape[::-1]
+        for layer, n in enumerate(name) if isinstance(name, list) else [(None, name)]:
+            plan.append(_ExportTensor(n, path, layer, shape, dtype))
+    return plan
+
+
+_take_layer = jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, keepdims=False))
+
+
+def _host_tensor(params: Params, t: _ExportTensor) -> np.ndarray:
+    """Tensor `t` on this host, in its HF layout and dtype. A parameter that
+    spans several processes is gathered, one tensor at a time: every process
+    must call this for the same tensors in the same order (a collective)."""
+    x = params
+    for p in t.path:
+        x = x[p]
+    if t.layer is not None:
+        x = _take_layer(x, t.layer) if isinstance(x, jax.Array) else x[t.layer]
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    x = np.asarray(x)
+    if t.path[-1] == "kernel":
+        x = x.T
+    return np.ascontiguousarray(x, dtype=t.dtype)
+
+
+_SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(jnp.bfloat16): "BF16"}
+
+
+def write_shard(path: Path, tensors: list[_ExportTensor], arrays: Iterator[np.ndarray]) -> None:
+    """A safetensors file holding `tensors`, in order, whose data are `arrays`
+    (one per tensor, as they come): the header is written first (the sizes
+    are known from the shapes), then each array, so that one tensor at a time
+    is in memory. The layout is the format's: an 8-byte little-endian header
+    length, the JSON header padded with spaces to 8 bytes, the data."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t, a in zip(tensors, arrays, strict=True):
+            if a.shape != t.shape or a.dtype != t.dtype:  # pragma: no cover - _host_tensor makes them so
+                raise CheckpointError(f"{t.name}: expected {t.shape} {t.dtype}, got {a.shape} {a.dtype}")
+            f.write(a.view(np.uint8).data)  # bytes as they are (bfloat16 has no buffer format)
 
 
 def _export_siblings(out: Path) -> tuple[Path, Path]:
@@ -481,6 +545,11 @@ def save_hf(
     are kept. tokenizer_dir: the directory whose tokenizer files and chat
     template are copied along. Tensors are written in cfg.param_dtype.
 
+    Streaming: tensors are gathered and written one at a time (never the
+    whole model in host memory). In a multi-process run every process calls
+    save_hf with the same arguments: each parameter that spans several
+    processes is gathered by all of them in turn, and process 0 writes.
+
     Atomic: the whole directory is written and fsynced in a hidden sibling
     `.NAME.tmp-PID`, then swapped in (old directory renamed to `.NAME.old`,
     new one renamed into place, backup deleted), so a kill at any point leaves
@@ -490,6 +559,10 @@ def save_hf(
     replaced (stale shards and tokenizer files go) and other entries are
     copied into the new directory.
     """
+    if jax.process_index() != 0:  # the other processes only take their part in gathering each tensor
+        for t in _export_plan(cfg, params):
+            _host_tensor(params, t)
+        return Path(out_dir)
     out = Path(out_dir)
     if out.is_symlink():  # swap the directory it points to, not the link
         out = out.resolve()
@@ -540,6 +613,20 @@ def save_hf(
     return out
 
 
+def _shards(plan: list[_ExportTensor], max_shard_bytes: int) -> list[list[_ExportTensor]]:
+    """`plan` cut, in order, into files of at most max_shard_bytes (a bigger
+    tensor gets a file of its own)."""
+    shards: list[list[_ExportTensor]] = [[]]
+    size = 0
+    for t in plan:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
 def _write_hf_dir(
     out: Path,
     cfg: ModelConfig,
@@ -553,25 +640,15 @@ def _write_hf_dir(
     tokenizer_dir that is the export being replaced is still there to read."""
     base = dict(hf_config or {})
     config = config_to_hf(cfg, base)
-    tensors = _to_hf_tensors(cfg, params)
-    np_dtype = np.dtype(jnp.dtype(cfg.param_dtype))
-    tensors = {k: v.astype(np_dtype) for k, v in tensors.items()}
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name in tensors:
-        nbytes = tensors[name].nbytes
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
+    shards = _shards(_export_plan(cfg, params), max_shard_bytes)
     weight_map = {}
     n = len(shards)
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    index = {"metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))}, "weight_map": weight_map}
+        write_shard(out / fname, shard, (_host_tensor(params, t) for t in shard))
+        weight_map.update({t.name: fname for t in shard})
+    total = sum(t.nbytes for shard in shards for t in shard)
+    index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 

@@ -16,16 +16,21 @@ from focusft_jax.hf import load_hf
 from focusft_jax.model import ModelConfig, Params, init_params
 
 
+def builtin_data_path(cfg, out: Path) -> Path | None:
+    """OUTPUT_DIR/data/builtin.jsonl with `data.builtin` set, else None."""
+    return None if cfg.data.builtin is None else out / "data" / "builtin.jsonl"
+
+
 def builtin_data(cfg, out: Path) -> Path | None:
     """Generates the built-in synthetic data (when `data.builtin` is set) once,
-    into OUTPUT_DIR/data/builtin.jsonl, so that the tokenizer is trained on and
-    the dataset reads the same file through the same reader. Returns the file,
+    into `builtin_data_path`, so that the tokenizer is trained on and the
+    dataset reads the same file through the same reader. Returns the file,
     or None without built-in data."""
-    if cfg.data.builtin is None:
+    path = builtin_data_path(cfg, out)
+    if path is None:
         return None
     from focusft_jax.data.synthetic import builtin_records
 
-    path = out / "data" / "builtin.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w") as f:
@@ -149,16 +154,6 @@ def build_model(cfg, tokenizer) -> tuple[ModelConfig, Params, dict]:
 
 
 # ---------------------------------------------------------------- console
-
-
-def checksum(ids) -> int:
-    """A cheap fingerprint of a batch's token ids (logged, so a resumed run
-    can be checked to see the same batches)."""
-    import zlib
-
-    import numpy as np
-
-    return zlib.crc32(np.ascontiguousarray(ids, dtype=np.int32).tobytes())
 
 
 def progress_bar(total: int, initial: int, enabled: bool):

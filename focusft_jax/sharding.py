@@ -32,23 +32,71 @@ LOGICAL_RULES = {
 }
 
 
+# The launcher's environment that this project reads itself: JAX's own
+# initialize() finds the coordinator, process count and id only on the
+# clusters it detects (SLURM, Open MPI, TPU pods, ...), not in these.
+ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
+def _env_int(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r}: expected an integer") from None
+
+
+def distributed_arguments() -> dict:
+    """jax.distributed.initialize's coordinator_address / num_processes /
+    process_id from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    JAX_PROCESS_ID (those set); JAX detects the rest on known clusters."""
+    args = {
+        "coordinator_address": os.environ.get(ENV_COORDINATOR) or None,
+        "num_processes": _env_int(ENV_NUM_PROCESSES),
+        "process_id": _env_int(ENV_PROCESS_ID),
+    }
+    args = {k: v for k, v in args.items() if v is not None}
+    n, i = args.get("num_processes"), args.get("process_id")
+    if n is not None and n < 1:
+        raise ConfigError(f"{ENV_NUM_PROCESSES}={n}: expected a process count >= 1")
+    if i is not None and n is not None and not 0 <= i < n:
+        raise ConfigError(f"{ENV_PROCESS_ID}={i}: expected a process id in [0, {ENV_NUM_PROCESSES}={n})")
+    return args
+
+
 def maybe_initialize_distributed(mode: str = "auto") -> bool:
     """Calls jax.distributed.initialize() when asked ("on"), or with "auto"
     when a multi-host launcher's environment is present (a coordinator
-    address, SLURM with several tasks, or a TPU pod's worker list).
-    Returns whether it initialized."""
+    address, SLURM with several tasks, or a TPU pod's worker list), with the
+    coordinator, process count and id of `distributed_arguments`. On CPU the
+    processes' collectives go through gloo. Returns whether it initialized."""
     if mode == "off":
         return False
     launcher = (
-        "JAX_COORDINATOR_ADDRESS" in os.environ
+        ENV_COORDINATOR in os.environ
         or int(os.environ.get("SLURM_NTASKS", "1")) > 1
         or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
         or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
     )
     if mode == "on" or launcher:
-        jax.distributed.initialize()
+        kwargs = distributed_arguments()
+        try:  # CPU processes need a collectives backend; GPU and TPU ignore this option
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        except (AttributeError, KeyError, ValueError):  # an older or newer JAX without the option
+            pass
+        jax.distributed.initialize(**kwargs)
         return True
     return False
+
+
+def sync_processes(name: str) -> None:
+    """A barrier of all processes (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _devices(n: int, devices) -> str:
@@ -112,6 +160,17 @@ def param_shardings(params, logical, mesh: Mesh):
         logical,
         params,
         is_leaf=lambda x: isinstance(x, tuple),
+    )
+
+
+def place(tree, shardings):
+    """Global arrays of a pytree of host arrays that every process holds
+    whole (the same values), each device taking its own slice of its leaf
+    (`jax.make_array_from_callback`): no transfer of the whole leaf to one
+    device, and none of device_put's cross-process check that all processes
+    passed the same value (one collective per leaf)."""
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x[idx])), tree, shardings
     )
 
 

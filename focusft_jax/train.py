@@ -44,7 +44,14 @@ from focusft_jax.hf import CheckpointError, recover_export, save_hf
 from focusft_jax.metrics_log import MetricsLogger
 from focusft_jax.model import logical_axes
 from focusft_jax.optim import make_optimizer
-from focusft_jax.sharding import make_mesh, maybe_initialize_distributed, param_shardings, shard_batch
+from focusft_jax.sharding import (
+    make_mesh,
+    maybe_initialize_distributed,
+    param_shardings,
+    place,
+    shard_batch,
+    sync_processes,
+)
 from focusft_jax.trainer import init_state, train_step
 from focusft_jax.training_record import training_record
 
@@ -104,14 +111,14 @@ def train(cfg, log=print) -> dict:
     # Before anything is written: a resume must match the directory's config,
     # a fresh start must not land on a previous run (focusft_jax/run_dir.py).
     run_dir.prepare(cfg, out, log, main_process=main_process)
-    if jax.process_count() > 1:  # the other hosts wait for train.overwrite's cleaning
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("focusft_run_dir")
+    sync_processes("focusft_run_dir")  # the other hosts wait for train.overwrite's cleaning
+    # Only process 0 writes the shared files (the config, the generated data,
+    # a built tokenizer); the others read them after it has.
     if main_process:
         dump_config(cfg, out / "config.yaml")
-
-    builtin = job.builtin_data(cfg, out)  # generated once, for the tokenizer and the dataset
+        job.build_tokenizer(cfg, out, log, job.builtin_data(cfg, out))
+    sync_processes("focusft_shared_inputs")
+    builtin = job.builtin_data_path(cfg, out)  # one file, for the tokenizer and the dataset
     tokenizer, tokenizer_dir = job.build_tokenizer(cfg, out, log, builtin)
     dataset = job.build_dataset(cfg, tokenizer, log, builtin)
     if main_process:
@@ -124,9 +131,11 @@ def train(cfg, log=print) -> dict:
     log(f"{jax.device_count()} devices ({jax.default_backend()}), {jax.process_count()} process(es); "
         f"mesh data={mesh.shape['data']} fsdp={mesh.shape['fsdp']} tensor={mesh.shape['tensor']}")
     accum = cfg.train.batch_size // cfg.train.micro_batch_size
-    host_rows, extra = divmod(cfg.train.batch_size, jax.process_count())
-    if extra:
-        raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must divide over {jax.process_count()} hosts")
+    host_rows = cfg.train.batch_size // jax.process_count()
+    if cfg.train.micro_batch_size % jax.process_count():  # each micro-batch is split over the hosts
+        raise ConfigError(
+            f"train.micro_batch_size ({cfg.train.micro_batch_size}) must divide over {jax.process_count()} hosts"
+        )
     loader_kw = dict(
         batch_size=host_rows,
         packing=cfg.data.packing,
@@ -134,6 +143,7 @@ def train(cfg, log=print) -> dict:
         seed=cfg.data.shuffle_seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        micro_batches=accum,  # each micro-batch holds the same rows whatever the host count
     )
     steps_per_epoch = ChatLoader(dataset, **loader_kw).steps_in_epoch(0)
     if steps_per_epoch == 0:
@@ -154,7 +164,7 @@ def train(cfg, log=print) -> dict:
         eps=cfg.optim.eps,
         grad_clip=cfg.optim.grad_clip,
     )
-    params = jax.device_put(params, param_shardings(params, logical_axes(model_cfg), mesh))
+    params = place(params, param_shardings(params, logical_axes(model_cfg), mesh))
     state = jax.jit(lambda p: init_state(p, optimizer))(params)
 
     ckpt = Checkpointer(out / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
@@ -167,7 +177,13 @@ def train(cfg, log=print) -> dict:
         log(f"resumed from {out / 'checkpoints'} at step {latest}")
     loader = ChatLoader(dataset, state=loader_state, **loader_kw)
 
-    step_fn = jax.jit(train_step, static_argnums=(3, 4, 5), donate_argnums=(0,))
+    # The state leaves the step with the shardings it came in with: left to
+    # XLA, equivalent but unequal specs (P('tensor', 'fsdp') in, P(None,
+    # 'fsdp') out on a size-1 tensor axis) would compile the step twice.
+    state_shardings = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    step_fn = jax.jit(
+        train_step, static_argnums=(3, 4, 5), donate_argnums=(0,), out_shardings=(state_shardings, None)
+    )
     logger = MetricsLogger(out, tensorboard=cfg.logging.tensorboard, enabled=main_process)
     stop = {"signal": None}
     previous = install_stop_handlers(stop)
@@ -207,7 +223,7 @@ def train(cfg, log=print) -> dict:
                 metrics = {k: np.asarray(v) for k, v in metrics.items()}
                 metrics.update(lr=float(schedule(step)), tokens_per_s=tokens_since / (now - t_last),
                                skipped_steps=int(state.skipped), epoch=batch.epoch, data_step=batch.step,
-                               batch_checksum=job.checksum(batch.arrays["input_ids"]))
+                               batch_checksum=batch.checksum)
                 t_last, tokens_since = now, 0
                 if cfg.logging.diagnostics_every and (step + 1) % cfg.logging.diagnostics_every == 0:
                     first = {k: v[0] for k, v in arrays.items()}
@@ -230,7 +246,7 @@ def train(cfg, log=print) -> dict:
             ckpt.poll()  # checksums of an async save as soon as it is finalized
             if step % cfg.checkpoint.every_steps == 0 or step == total_steps or stop["signal"] or diverged:
                 ckpt.save(step, state, data_state, force=True)
-                if cfg.checkpoint.export_hf_at_save and main_process:
+                if cfg.checkpoint.export_hf_at_save:  # every process: the export gathers each tensor
                     ckpt.wait()
                     save_hf(out / "hf", model_cfg, state.params, hf_config, tokenizer_dir,
                             training_record=training_record(cfg, step, model_cfg.max_position_embeddings))
@@ -247,9 +263,9 @@ def train(cfg, log=print) -> dict:
         return {"preempted": True, "step": int(state.step), "output_dir": str(out)}
     if diverged:
         raise TrainingDiverged(diverged_message(cfg, skipped_run, step, out / "checkpoints"))
-    if main_process:
-        save_hf(out / "hf", model_cfg, state.params, hf_config, tokenizer_dir,
-                training_record=training_record(cfg, step, model_cfg.max_position_embeddings))
+    # Every process: the export gathers each tensor over them; process 0 writes.
+    save_hf(out / "hf", model_cfg, state.params, hf_config, tokenizer_dir,
+            training_record=training_record(cfg, step, model_cfg.max_position_embeddings))
     summary = {
         "step": int(state.step),
         "first_logged_loss": first_loss and first_loss[0],

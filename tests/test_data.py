@@ -650,6 +650,26 @@ def test_multi_host_shares(varied):
             assert ids0.isdisjoint({tuple(r) for r in h[1].arrays["input_ids"].tolist()})
 
 
+def test_micro_batches_hold_the_same_rows_whatever_the_host_count(varied):
+    """With gradient accumulation, global micro-batch a is rows [a*m, (a+1)*m)
+    of the global batch on one host and on two: each host holds its part of
+    every micro-batch, and the trainer's reshape (micro_batches, -1, S) then
+    concatenation over hosts gives the one-host micro-batches."""
+    whole = ChatLoader(varied, batch_size=8, seed=5, micro_batches=2)
+    hosts = [ChatLoader(varied, batch_size=4, seed=5, process_index=p, process_count=2, micro_batches=2) for p in range(2)]
+    for _ in range(3):
+        w = next(whole)
+        h = [next(x) for x in hosts]
+        assert w.checksum == h[0].checksum == h[1].checksum  # the global batch's, on every host
+        for k in w.arrays:
+            one = w.arrays[k].reshape(2, 4, -1)
+            two = np.concatenate([x.arrays[k].reshape(2, 2, -1) for x in h], axis=1)
+            np.testing.assert_array_equal(one, two)
+    assert next(whole).checksum != w.checksum
+    with pytest.raises(ValueError, match="micro_batches"):
+        ChatLoader(varied, batch_size=4, micro_batches=3)
+
+
 def test_too_few_examples_for_a_batch(varied):
     with pytest.raises(ValueError, match="no complete global batch"):
         ChatLoader(varied, batch_size=32, process_count=2)

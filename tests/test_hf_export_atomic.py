@@ -75,16 +75,16 @@ def test_failed_export_keeps_the_previous_one(tmp_path, monkeypatch):
     out = tmp_path / "hf"
     old = _params(0)
     hf.save_hf(out, CFG, old, max_shard_bytes=2_000)
-    real_save = hf.save_file
+    real_save = hf.write_shard
     written = []
 
-    def dies_on_third_shard(shard, path, **kw):
+    def dies_on_third_shard(path, tensors, arrays):
         if len(written) == 2:
             raise OSError("disk full (injected)")
-        real_save(shard, path, **kw)
-        written.append(path)
+        real_save(path, tensors, arrays)
+        written.append(str(path))
 
-    monkeypatch.setattr(hf, "save_file", dies_on_third_shard)
+    monkeypatch.setattr(hf, "write_shard", dies_on_third_shard)
     with pytest.raises(OSError, match="injected"):
         hf.save_hf(out, CFG, _params(1), max_shard_bytes=2_000)
     assert len(written) == 2 and all(".hf.tmp-" in p for p in written)  # it did write, elsewhere
@@ -92,7 +92,7 @@ def test_failed_export_keeps_the_previous_one(tmp_path, monkeypatch):
     assert _siblings(out) == []
 
     # A failure in the swap itself (after the old export was moved aside) puts it back.
-    monkeypatch.setattr(hf, "save_file", real_save)
+    monkeypatch.setattr(hf, "write_shard", real_save)
     real_replace = os.replace
 
     def second_rename_fails(src, dst):
@@ -158,16 +158,16 @@ _CHILD = textwrap.dedent(
     sys.path.insert(0, sys.argv[3])
     from tests.test_hf_export_atomic import CFG, _params
     from focusft_jax import hf
-    real_save, n = hf.save_file, [0]
+    real_save, n = hf.write_shard, [0]
 
-    def slow(shard, path, **kw):
-        real_save(shard, path, **kw)
+    def slow(path, tensors, arrays):
+        real_save(path, tensors, arrays)
         n[0] += 1
         if n[0] == 2:
             Path(sys.argv[2]).write_text("mid-export")
             time.sleep(60)
 
-    hf.save_file = slow
+    hf.write_shard = slow
     hf.save_hf(sys.argv[1], CFG, _params(1), max_shard_bytes=2_000)
     """
 )

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence
 
@@ -265,6 +266,17 @@ def load_chat_dataset(
     )
 
 
+def global_checksum(rows: Sequence[Sequence[int]], input_ids: Sequence[np.ndarray]) -> int:
+    """crc32 over a global batch: for each row, the token ids of its
+    conversations in order, then a row separator (padding is not part of it)."""
+    crc = 0
+    for r in rows:
+        for i in r:
+            crc = zlib.crc32(np.ascontiguousarray(input_ids[i], dtype=np.int32).tobytes(), crc)
+        crc = zlib.crc32(b"\xff\xff\xff\xff", crc)
+    return crc
+
+
 @dataclass(frozen=True)
 class Batch:
     """One host's share of one global batch.
@@ -278,12 +290,16 @@ class Batch:
         takes them as they are.
     epoch, step: this batch's position (step = index within the epoch).
     num_examples: conversations in this host's rows.
+    checksum: a fingerprint of the whole global batch's token ids, row by row
+        (`global_checksum`), the same on every host and for any host count
+        (logged, so that a resumed run can be checked to see the same batches).
     """
 
     arrays: dict
     epoch: int
     step: int
     num_examples: int
+    checksum: int = 0
 
     @property
     def seq_len(self) -> int:
@@ -310,6 +326,11 @@ class ChatLoader:
         it with empty rows, which carry no loss).
     length_grouping: g > 0 sorts by length within windows of g batches
         (padding mode only; less padding), batch order then shuffled.
+    micro_batches: the trainer splits each host's rows into this many
+        micro-batches (gradient accumulation) of consecutive rows; host p then
+        holds, of global micro-batch a, its p-th part, so that a micro-batch
+        holds the same rows (global rows [a*m, (a+1)*m), m = global rows per
+        micro-batch) whatever the number of hosts.
     num_epochs: stop after this many epochs (None: forever).
     state: a `state_dict()` to resume from.
     """
@@ -330,11 +351,14 @@ class ChatLoader:
         min_loss_positions: int = 16,
         process_index: int = 0,
         process_count: int = 1,
+        micro_batches: int = 1,
         num_epochs: int | None = None,
         state: dict | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if micro_batches < 1 or batch_size % micro_batches:
+            raise ValueError(f"micro_batches ({micro_batches}) must divide the host's batch_size ({batch_size})")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
         self.dataset = dataset
@@ -349,6 +373,7 @@ class ChatLoader:
         self.min_loss_positions = min_loss_positions
         self.process_index = process_index
         self.process_count = process_count
+        self.micro_batches = micro_batches
         self.num_epochs = num_epochs
         self.global_rows = batch_size * process_count
         settings = (
@@ -410,7 +435,9 @@ class ChatLoader:
         longest = max((int(sum(ds.lengths[i] for i in r)) for r in rows), default=1)
         seq_len = bucket_for(max(longest, 1), self.buckets)
         preds = max((int(sum(ds.num_predictions[i] for i in r)) for r in rows), default=0)
-        mine = rows[self.process_index * self.batch_size : (self.process_index + 1) * self.batch_size]
+        m = self.batch_size // self.micro_batches  # this host's rows of one micro-batch
+        P, p = self.process_count, self.process_index
+        mine = [rows[a * m * P + p * m + j] for a in range(self.micro_batches) for j in range(m)]
         arrays = collate(mine, ds.input_ids, ds.loss_mask, seq_len, ds.pad_id)
         # P from the global batch, so every host's loss keys have the same shape.
         arrays.update(scored_positions(arrays, round_loss_positions(preds, seq_len, self.min_loss_positions)))
@@ -419,6 +446,7 @@ class ChatLoader:
             epoch=epoch,
             step=step,
             num_examples=sum(len(r) for r in mine),
+            checksum=global_checksum(rows, ds.input_ids),
         )
 
     # -- iteration and state ----------------------------------------------
