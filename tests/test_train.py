@@ -307,7 +307,7 @@ def test_skipped_rows_are_written_and_counted(tmp_path):
 def test_sigterm_and_ctrl_c_ask_the_loop_to_save_then_stop(sig):
     """The handlers train() installs (the SIGTERM end-to-end test above shows
     the loop saving, then exiting, once stop["signal"] is set)."""
-    import train
+    from focusft_jax import train
 
     stop = {"signal": None}
     previous = train.install_stop_handlers(stop)
