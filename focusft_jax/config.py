@@ -87,6 +87,9 @@ class DataSection:
                                                         "drop its start, its end, or stop")
     packing: bool = key(False, "pack several conversations per row (segment-aware masks)")
     bucket_size: int = key(256, "rows are padded to multiples of this")
+    pad_to: Literal["bucket", "max"] = key(
+        "bucket", "`bucket`: each batch to its longest row's bucket (a compile of the step per batch shape); "
+        "`max`: every batch to `max_length` (one shape, one compile)")
     on_bad_row: Literal["error", "skip"] = key(
         "error", "`error` (stop with file and row) or `skip` (count in the logs)")
     shuffle_seed: int = key(0, "per-epoch shuffle seed")

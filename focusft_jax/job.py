@@ -3,9 +3,12 @@ model, plus the trainer's console output. Kept out of train.py so that the
 script reads top to bottom."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -160,6 +163,31 @@ def progress_bar(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+@contextlib.contextmanager
+def compiling(progress, shape: tuple, compiled: set):
+    """Around a call of the jitted step with a batch of `shape`: the first
+    time a shape comes, the call compiles (in the call: execution itself is
+    asynchronous), so the bar reads "compiling" meanwhile and its clocks are
+    moved on by the compile's duration, keeping the ETA to step time. Yields
+    a namespace whose `seconds` is the time spent compiling (0.0 for a shape
+    already compiled), set when the block ends."""
+    timing = SimpleNamespace(seconds=0.0)
+    if shape in compiled:
+        yield timing
+        return
+    compiled.add(shape)
+    progress.set_description_str(f"train (compiling for {shape[0]} tokens)")
+    start = time.perf_counter()
+    try:
+        yield timing
+    finally:
+        timing.seconds = time.perf_counter() - start
+        if not progress.disable:  # the elapsed time and the rate's last interval leave the compile out
+            progress.start_t += timing.seconds
+            progress.last_print_t += timing.seconds
+        progress.set_description_str("train", refresh=False)
 
 
 def postfix(row: dict) -> dict:

@@ -140,18 +140,24 @@ def train(cfg, log=print) -> dict:
         batch_size=host_rows,
         packing=cfg.data.packing,
         bucket_size=cfg.data.bucket_size,
+        pad_to=cfg.data.pad_to,
         seed=cfg.data.shuffle_seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         micro_batches=accum,  # each micro-batch holds the same rows whatever the host count
     )
-    steps_per_epoch = ChatLoader(dataset, **loader_kw).steps_in_epoch(0)
+    first_epoch = ChatLoader(dataset, **loader_kw)
+    steps_per_epoch = first_epoch.steps_in_epoch(0)
     if steps_per_epoch == 0:
         raise ConfigError(
             f"train.batch_size ({cfg.train.batch_size}) is larger than the dataset ({len(dataset)} examples): "
             "lower it or add data"
         )
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    shapes = first_epoch.batch_shapes(0)
+    listed = ", ".join(f"{n}x{p}" for n, p in shapes[:8]) + (", ..." if len(shapes) > 8 else "")
+    log(f"data: the first epoch's batches have {len(shapes)} shape(s) (tokens x loss positions: {listed}); "
+        "the step compiles once for each" + ("" if len(shapes) == 1 else " (data.pad_to=max: one)"))
     optimizer, schedule = make_optimizer(
         params,
         lr=cfg.optim.lr,
@@ -198,6 +204,7 @@ def train(cfg, log=print) -> dict:
     # late: the flag of the step before, while this one computes.
     skip_limit, skipped_run, previous_flag, diverged = cfg.train.max_consecutive_skipped, 0, None, False
     t_last, tokens_since = time.perf_counter(), 0
+    compiled: set = set()  # the batch shapes the step has been compiled for
     upcoming = next(loader) if step < total_steps else None
     try:
         while step < total_steps:
@@ -207,7 +214,11 @@ def train(cfg, log=print) -> dict:
             # P is a shape, so step_fn retraces per (S, P) by itself.
             arrays = {k: v.reshape(accum, -1, v.shape[-1]) for k, v in batch.arrays.items()}
             arrays = shard_batch(arrays, mesh, batch_axis=1)
-            state, metrics = step_fn(state, arrays, jax.random.fold_in(key, step), model_cfg, fcfg, optimizer)
+            # A new batch shape compiles the step inside this call: the bar
+            # says so, and neither its ETA nor tokens_per_s counts that time.
+            with job.compiling(progress, (batch.seq_len, batch.loss_positions), compiled) as compile_timing:
+                state, metrics = step_fn(state, arrays, jax.random.fold_in(key, step), model_cfg, fcfg, optimizer)
+            t_last += compile_timing.seconds
             if skip_limit:
                 if previous_flag is not None:
                     skipped_run = skipped_run + 1 if int(previous_flag) else 0

@@ -19,6 +19,7 @@ from focusft_jax.data import (
     RawRow,
     bucket_lengths,
     load_chat_dataset,
+    max_row_predictions,
     parse_record,
     render_example,
     render_spans,
@@ -527,6 +528,42 @@ def test_loss_positions_cover_every_row(varied):
             ref = jax.jit(loss_targets, static_argnums=1)(raw, b.loss_positions)
             for got, want in ((tg.index, ref.index), (tg.target, ref.target), (tg.weight, ref.weight)):
                 np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_pad_to_max_gives_one_shape_that_holds_every_row(varied):
+    for packing in (False, True):
+        fixed = ChatLoader(varied, batch_size=3, packing=packing, pad_to="max", seed=1, num_epochs=3)
+        bucketed = ChatLoader(varied, batch_size=3, packing=packing, seed=1, num_epochs=3)
+        assert len(bucketed.batch_shapes(0)) > 1 or packing  # packed rows are all nearly full here
+        assert fixed.batch_shapes(0) == fixed.batch_shapes(2) == [(varied.max_length, fixed._shape([])[1])]
+        assert fixed.fingerprint != bucketed.fingerprint  # a resume cannot mix the two
+        for a, b in zip(fixed, bucketed, strict=True):  # the same rows, only more padding
+            assert (a.seq_len, a.loss_positions) == fixed.batch_shapes(0)[0]
+            n = b.seq_len
+            for k in ("input_ids", "loss_mask", "segment_ids", "attention_mask"):
+                np.testing.assert_array_equal(a.arrays[k][:, :n], b.arrays[k])
+            assert not a.arrays["attention_mask"][:, n:].any()
+            batch = {k: jnp.asarray(v) for k, v in a.arrays.items()}
+            tg = jax.jit(loss_targets)(batch)  # nothing scored is left out of the fixed P
+            assert int(tg.dropped) == 0 and float(tg.weight.sum()) == float(b.arrays["loss_weight"].sum())
+    with pytest.raises(ValueError, match="pad_to"):
+        ChatLoader(varied, batch_size=3, pad_to="longest")
+
+
+def test_max_row_predictions_bounds_every_pack():
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        n = int(rng.integers(1, 8))
+        lengths = rng.integers(1, 20, size=n)
+        preds = np.array([int(rng.integers(0, x + 1)) for x in lengths])
+        row = int(rng.integers(lengths.max(), 40))
+        best = max(  # every set of examples that fits one row, by brute force
+            int(preds[[i for i in range(n) if m >> i & 1]].sum())
+            for m in range(1 << n) if lengths[[i for i in range(n) if m >> i & 1]].sum() <= row
+        )
+        bound = max_row_predictions(lengths, preds, row, packing=True)
+        assert best <= bound <= row
+        assert max_row_predictions(lengths, preds, row, packing=False) == preds.max()
 
 
 def glm_mask_alone(loss_mask):

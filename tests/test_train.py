@@ -89,6 +89,7 @@ def test_train_writes_everything_and_the_export_matches_transformers(tmp_path):
     assert rows[1]["data_skipped_rows"] == 0 and "data_skipped_rows" not in rows[2]
     assert (out / "skipped_rows.jsonl").read_text() == ""
     assert "HF export" in res.stderr  # the final summary says where things are
+    assert "batches have 1 shape(s) (tokens x loss positions: 256x" in res.stderr
     assert f"python -m eval.babilong --checkpoint {out / 'hf'} --data generate" in res.stderr
     record = read_training_record(out / "hf")  # how it was trained, for the evaluation tools' defaults
     assert (record["step"], record["objective"], record["initialization"]) == (6, "focusft", "from_scratch")
@@ -200,6 +201,27 @@ def _step_setup(batch_rows=4, seq=32):
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": lm}
     opt, _ = make_optimizer(params, lr=1e-2, total_steps=10, warmup_ratio=0.0)
     return cfg, params, batch, opt
+
+
+def test_a_compiling_step_is_shown_and_left_out_of_the_eta():
+    import io
+
+    from tqdm import tqdm
+
+    from focusft_jax import job
+
+    bar = tqdm(total=10, file=io.StringIO(), desc="train", mininterval=0)
+    compiled: set = set()
+    start = bar.start_t
+    with job.compiling(bar, (256, 64), compiled) as timing:
+        assert bar.desc.startswith("train (compiling for 256 tokens")
+        time.sleep(0.3)
+    assert timing.seconds >= 0.3 and bar.desc == "train" and compiled == {(256, 64)}
+    assert bar.start_t - start == pytest.approx(timing.seconds)  # the elapsed time leaves it out
+    with job.compiling(bar, (256, 64), compiled) as again:  # a known shape: nothing changes
+        assert bar.desc == "train"
+    assert again.seconds == 0.0 and bar.start_t - start == pytest.approx(timing.seconds)
+    bar.close()
 
 
 def test_accumulation_equals_one_big_micro_batch():

@@ -101,6 +101,33 @@ def round_loss_positions(count: int, seq_len: int, min_positions: int = 16) -> i
     return int(min(p, seq_len))
 
 
+def max_row_predictions(
+    lengths: np.ndarray, num_predictions: np.ndarray, row_length: int, packing: bool
+) -> int:
+    """An upper bound of the scored positions of any row the loader can make
+    from these examples: one example per row, the most any example has;
+    packed rows of at most `row_length` tokens, the fractional knapsack's
+    optimum (densest examples first, the last one in part), which no set of
+    whole examples that fits can exceed. A fixed P of at least this holds
+    every batch of every epoch."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    preds = np.asarray(num_predictions, dtype=np.int64)
+    if lengths.size == 0:
+        return 0
+    if not packing:
+        return int(preds.max())
+    order = np.argsort(-preds / np.maximum(lengths, 1), kind="stable")
+    room, bound = row_length, 0.0
+    for i in order:
+        if lengths[i] <= room:
+            room -= int(lengths[i])
+            bound += int(preds[i])
+        else:
+            bound += preds[i] * room / lengths[i]
+            break
+    return int(min(np.ceil(bound), row_length))
+
+
 def plan_padded(
     order: np.ndarray,
     lengths: np.ndarray,

@@ -46,6 +46,7 @@ from focusft_jax.data.batching import (
     bucket_for,
     bucket_lengths,
     collate,
+    max_row_predictions,
     num_predictions,
     plan_packed,
     plan_padded,
@@ -321,6 +322,11 @@ class ChatLoader:
         conversation), padded to the bucket of the longest packed row.
     bucket_size: None: power-of-two buckets (from min_bucket) up to max_length;
         k: multiples of k up to max_length.
+    pad_to: "bucket": each batch is padded to the bucket of its longest row
+        and P (loss positions per row) follows its scored positions, so a run
+        has a few batch shapes (one compile of the step each); "max": every
+        batch is max_length long with one P that holds any row of the dataset
+        (`max_row_predictions`): one shape, one compile, more padding.
     shuffle, seed: per-epoch permutation from (seed, epoch).
     drop_remainder: drop the epoch's last incomplete global batch (else fill
         it with empty rows, which carry no loss).
@@ -343,6 +349,7 @@ class ChatLoader:
         packing: bool = False,
         bucket_size: int | None = None,
         min_bucket: int = 16,
+        pad_to: str = "bucket",
         shuffle: bool = True,
         seed: int = 0,
         drop_remainder: bool = True,
@@ -361,9 +368,12 @@ class ChatLoader:
             raise ValueError(f"micro_batches ({micro_batches}) must divide the host's batch_size ({batch_size})")
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+        if pad_to not in ("bucket", "max"):
+            raise ValueError(f"pad_to must be 'bucket' or 'max', got {pad_to!r}")
         self.dataset = dataset
         self.batch_size = batch_size
         self.packing = packing
+        self.pad_to = pad_to
         self.buckets = bucket_lengths(dataset.max_length, bucket_size, min_bucket)
         self.shuffle = shuffle
         self.seed = seed
@@ -379,9 +389,10 @@ class ChatLoader:
         settings = (
             dataset.fingerprint, len(dataset), batch_size, packing, self.buckets, shuffle, seed, drop_remainder,
             self.length_grouping, pack_open_rows, min_loss_positions, process_count,
-        )
+        ) + ((pad_to,) if pad_to != "bucket" else ())  # the fingerprints of earlier runs stay valid
         self.fingerprint = hashlib.blake2b(repr(settings).encode(), digest_size=12).hexdigest()
         self._plan_cache: tuple[int, list] | None = None
+        self._fixed_shape: tuple[int, int] | None = None
         self.epoch = 0
         self.step = 0
         if self.steps_in_epoch(0) == 0:
@@ -427,20 +438,35 @@ class ChatLoader:
         self._plan_cache = cached
         return total
 
+    def _shape(self, rows) -> tuple[int, int]:
+        ds = self.dataset
+        if self.pad_to == "max":
+            if self._fixed_shape is None:
+                bound = max_row_predictions(ds.lengths, ds.num_predictions, ds.max_length, self.packing)
+                self._fixed_shape = (ds.max_length, round_loss_positions(bound, ds.max_length, self.min_loss_positions))
+            return self._fixed_shape
+        longest = max((int(sum(ds.lengths[i] for i in r)) for r in rows), default=1)
+        seq_len = bucket_for(max(longest, 1), self.buckets)
+        preds = max((int(sum(ds.num_predictions[i] for i in r)) for r in rows), default=0)
+        return seq_len, round_loss_positions(preds, seq_len, self.min_loss_positions)
+
+    def batch_shapes(self, epoch: int) -> list[tuple[int, int]]:
+        """The distinct (S, P) batch shapes of `epoch`, ascending: the step
+        compiles once for each (pad_to "max": one)."""
+        return sorted({self._shape(rows) for rows in self._plan(epoch)})
+
     def batch_at(self, epoch: int, step: int) -> Batch:
         """This host's share of global batch `step` of `epoch` (pure)."""
         plan = self._plan(epoch)
         rows = plan[step]
         ds = self.dataset
-        longest = max((int(sum(ds.lengths[i] for i in r)) for r in rows), default=1)
-        seq_len = bucket_for(max(longest, 1), self.buckets)
-        preds = max((int(sum(ds.num_predictions[i] for i in r)) for r in rows), default=0)
+        seq_len, loss_positions = self._shape(rows)
         m = self.batch_size // self.micro_batches  # this host's rows of one micro-batch
         P, p = self.process_count, self.process_index
         mine = [rows[a * m * P + p * m + j] for a in range(self.micro_batches) for j in range(m)]
         arrays = collate(mine, ds.input_ids, ds.loss_mask, seq_len, ds.pad_id)
         # P from the global batch, so every host's loss keys have the same shape.
-        arrays.update(scored_positions(arrays, round_loss_positions(preds, seq_len, self.min_loss_positions)))
+        arrays.update(scored_positions(arrays, loss_positions))
         return Batch(
             arrays=arrays,
             epoch=epoch,
