@@ -169,8 +169,9 @@ def progress_bar(total: int, initial: int, enabled: bool):
 def compiling(progress, shape: tuple, compiled: set):
     """Around a call of the jitted step with a batch of `shape`: the first
     time a shape comes, the call compiles (in the call: execution itself is
-    asynchronous), so the bar reads "compiling" meanwhile and its clocks are
-    moved on by the compile's duration, keeping the ETA to step time. Yields
+    asynchronous), so the bar reads "compiling" meanwhile, and the interval
+    its rate (and so the ETA) is measured over is moved on by the compile's
+    duration, keeping the ETA to step time. Yields
     a namespace whose `seconds` is the time spent compiling (0.0 for a shape
     already compiled), set when the block ends."""
     timing = SimpleNamespace(seconds=0.0)
@@ -184,8 +185,7 @@ def compiling(progress, shape: tuple, compiled: set):
         yield timing
     finally:
         timing.seconds = time.perf_counter() - start
-        if not progress.disable:  # the elapsed time and the rate's last interval leave the compile out
-            progress.start_t += timing.seconds
+        if not progress.disable:  # the rate's interval (the ETA's) leaves the compile out; elapsed keeps it
             progress.last_print_t += timing.seconds
         progress.set_description_str("train", refresh=False)
 

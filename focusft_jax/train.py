@@ -230,8 +230,8 @@ def train(cfg, log=print) -> dict:
             upcoming = next(loader) if step + 1 < total_steps else None
             tokens_since += int(np.sum(batch.arrays["attention_mask"])) * jax.process_count()
             if (step + 1) % cfg.logging.every_steps == 0 or step + 1 == total_steps:
+                metrics = {k: np.asarray(v) for k, v in metrics.items()}  # waits for this step
                 now = time.perf_counter()
-                metrics = {k: np.asarray(v) for k, v in metrics.items()}
                 metrics.update(lr=float(schedule(step)), tokens_per_s=tokens_since / (now - t_last),
                                skipped_steps=int(state.skipped), epoch=batch.epoch, data_step=batch.step,
                                batch_checksum=batch.checksum)
