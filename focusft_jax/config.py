@@ -149,8 +149,11 @@ class CheckpointSection:
 class LoggingSection:
     every_steps: int = key(1, "log metrics every N steps")
     diagnostics_every: int = key(0, "attention sink mass / context engagement every N steps; 0: never")
-    tensorboard: bool = key(True, "write TensorBoard event files")
+    tensorboard: bool = key(True, "write TensorBoard event files (tags train/, attn/, perf/)")
     progress: bool = key(True, "show a progress bar")
+    wandb: bool = key(False, "also log the TensorBoard scalars to Weights & Biases (needs `pip install wandb`)")
+    wandb_project: str = key("focusft-jax", "the Weights & Biases project")
+    wandb_name: str = key("", "the Weights & Biases run name; empty: the output directory's name", shown="empty")
 
 
 @dataclasses.dataclass

@@ -191,7 +191,15 @@ def compiling(progress, shape: tuple, compiled: set):
 
 
 def postfix(row: dict) -> dict:
-    out = {"loss": f"{row['loss']:.4f}" if row.get("loss") is not None else "nan"}
+    """The progress bar's fields from a metrics.jsonl row: the outer loss,
+    the base model's loss (base_loss: the number to watch), the inner losses
+    and throughput."""
+    def fmt(x):
+        return f"{x:.4f}" if x is not None else "nan"
+
+    out = {"loss": fmt(row.get("loss"))}
+    if "base_loss" in row:
+        out["base_loss"] = fmt(row["base_loss"])
     inner = row.get("inner_losses") or []
     if inner:
         # "-": an inner step no example had a finite loss in (null in metrics.jsonl)

@@ -64,6 +64,8 @@ TRAINER_OUTPUTS = (
     "checkpoints",
     "hf",
     "tensorboard",
+    "wandb",  # logging.wandb: the wandb package's own files (wandb.init(dir=OUTPUT_DIR))
+    "wandb_run_id",  # and the run a resume continues
     "tokenizer",  # built from data.builtin when no tokenizer is given
     "data/builtin.jsonl",
     "data/builtin.jsonl.tmp",

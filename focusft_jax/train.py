@@ -36,12 +36,12 @@ import numpy as np
 from focusft_jax import job, run_dir
 from focusft_jax.checkpoint import Checkpointer, abstract_like
 from focusft_jax.config import (ConfigError, config_reference_markdown, config_reference_text, dump_config,
-                                load_config)
+                                load_config, to_dict)
 from focusft_jax.data import ChatLoader, DataError
 from focusft_jax.diagnostics import attention_diagnostics
 from focusft_jax.errors import TrainingDiverged
 from focusft_jax.hf import CheckpointError, recover_export, save_hf
-from focusft_jax.metrics_log import MetricsLogger
+from focusft_jax.metrics_log import MetricsLogger, require_wandb, start_wandb
 from focusft_jax.model import logical_axes
 from focusft_jax.optim import make_optimizer
 from focusft_jax.sharding import (
@@ -104,8 +104,10 @@ def train(cfg, log=print) -> dict:
     # written or computed: a mesh the devices cannot hold, or an output_dir
     # that is a file or not writable, is one error line, not a traceback.
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    run_dir.create(out)
     main_process = jax.process_index() == 0
+    if cfg.logging.wandb and main_process:  # only process 0 logs
+        require_wandb()
+    run_dir.create(out)
     if main_process:  # an export killed mid-swap: put the previous good one back under hf/
         recover_export(out / "hf")
     # Before anything is written: a resume must match the directory's config,
@@ -190,7 +192,10 @@ def train(cfg, log=print) -> dict:
     step_fn = jax.jit(
         train_step, static_argnums=(3, 4, 5), donate_argnums=(0,), out_shardings=(state_shardings, None)
     )
-    logger = MetricsLogger(out, tensorboard=cfg.logging.tensorboard, enabled=main_process)
+    wandb_run = None
+    if cfg.logging.wandb and main_process:
+        wandb_run = start_wandb(out, cfg.logging.wandb_project, cfg.logging.wandb_name, to_dict(cfg))
+    logger = MetricsLogger(out, tensorboard=cfg.logging.tensorboard, enabled=main_process, wandb_run=wandb_run)
     stop = {"signal": None}
     previous = install_stop_handlers(stop)
     key = jax.random.key(cfg.train.seed)

@@ -75,9 +75,30 @@ def _assert_params_close(a, b, tol):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol, err_msg=str(path))
 
 
+def _tensorboard_scalars(directory: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} of the event files in `directory` (TFRecord
+    framing: u64 length, u32 crc, the Event proto, u32 crc)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, dict[int, float]] = {}
+    for path in sorted(directory.glob("events.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = Event.FromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, {})[event.step] = v.simple_value
+    return scalars
+
+
 def test_train_writes_everything_and_the_export_matches_transformers(tmp_path):
+    from focusft_jax.metrics_log import DASHBOARD_TAGS, JSONL_ONLY
+
     out = tmp_path / "run"
-    res = _run_train(_config_file(tmp_path), out)
+    res = _run_train(_config_file(tmp_path), out, "logging.diagnostics_every=6")
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["step"] == 6 and summary["final_loss"] < summary["first_logged_loss"]
@@ -87,6 +108,16 @@ def test_train_writes_everything_and_the_export_matches_transformers(tmp_path):
     assert sorted(rows) == list(range(1, 7))
     assert all(len(r["inner_losses"]) == 2 for r in rows.values())
     assert rows[1]["data_skipped_rows"] == 0 and "data_skipped_rows" not in rows[2]
+    # TensorBoard: the curves under train/ attn/ perf/, never a checksum or a data position
+    assert set(rows[1]) | set(rows[6]) <= set(DASHBOARD_TAGS) | JSONL_ONLY | {"step"}
+    tb = _tensorboard_scalars(out / "tensorboard")
+    assert {t.split("/")[0] for t in tb} == {"train", "attn", "perf"}, sorted(tb)
+    assert tb["train/loss"] == pytest.approx({s: r["loss"] for s, r in rows.items()})
+    assert tb["train/base_loss"][6] == pytest.approx(rows[6]["base_loss"])
+    assert tb["train/inner_loss/1"][3] == pytest.approx(rows[3]["inner_losses"][1])
+    assert tb["attn/sink_mass/2"][6] == pytest.approx(rows[6]["attn_sink_mass"][2])
+    assert sorted(tb["perf/tokens_per_s"]) == list(range(1, 7))
+    assert not any("checksum" in t or "epoch" in t or "data" in t for t in tb)
     assert (out / "skipped_rows.jsonl").read_text() == ""
     assert "HF export" in res.stderr  # the final summary says where things are
     assert "batches have 1 shape(s) (tokens x loss positions: 256x" in res.stderr
@@ -305,6 +336,13 @@ def test_missing_inner_loss_is_logged_as_null(tmp_path):
     assert job.postfix(row)["inner"] == "-/1.500"  # missing, not a loss of 0
 
 
+def test_the_progress_bar_names_the_base_loss():
+    from focusft_jax import job
+
+    shown = job.postfix({"loss": 0.5, "base_loss": 1.25, "inner_losses": [1.25, 0.75], "tokens_per_s": 1000.4})
+    assert shown == {"loss": "0.5000", "base_loss": "1.2500", "inner": "1.250/0.750", "tok/s": "1000"}
+
+
 def test_skipped_rows_are_written_and_counted(tmp_path):
     from focusft_jax import job
     from focusft_jax.data import DataError, DataStats
@@ -358,3 +396,67 @@ def test_every_step_skipped_stops_with_exit_3_and_the_last_good_state_saved(tmp_
     assert [int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()] == [4]
     rows = _metrics(out)
     assert [rows[s]["step_skipped"] for s in (1, 2, 3)] == [0, 1, 1] and max(rows) == 4
+
+
+class _FakeWandb:
+    """The part of the wandb API the trainer calls, recording the calls."""
+
+    def __init__(self):
+        self.inits, self.runs = [], []
+        self.util = type("util", (), {"generate_id": staticmethod(lambda: f"run{len(self.inits)}")})
+
+    def init(self, **kw):
+        self.inits.append(kw)
+        run = type("Run", (), {})()
+        run.logged, run.finished = [], False
+        run.log = lambda scalars, step: run.logged.append((step, scalars))
+        run.finish = lambda: setattr(run, "finished", True)
+        self.runs.append(run)
+        return run
+
+
+def test_wandb_gets_the_dashboard_scalars_and_a_resume_continues_its_run(tmp_path, monkeypatch):
+    from focusft_jax.metrics_log import MetricsLogger, start_wandb
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    run = start_wandb(tmp_path, "proj", "", {"optim": {"lr": 0.1}})
+    logger = MetricsLogger(tmp_path, tensorboard=False, wandb_run=run)
+    logger.log(3, {"loss": np.float32(2.0), "inner_losses": np.array([3.0, 2.5]), "batch_checksum": "ab12", "epoch": 0})
+    logger.close()
+    assert run.logged == [(3, {"train/loss": 2.0, "train/inner_loss/0": 3.0, "train/inner_loss/1": 2.5})]
+    assert run.finished
+    first = fake.inits[0]
+    assert (first["project"], first["name"], first["resume"], first["config"]) == (
+        "proj", tmp_path.name, "allow", {"optim": {"lr": 0.1}})
+    start_wandb(tmp_path, "proj", "named", {})  # the resumed training: the same run id
+    assert fake.inits[1]["id"] == first["id"] and fake.inits[1]["name"] == "named"
+
+
+def test_wandb_asked_for_without_the_package_is_one_error_line_before_anything(tmp_path, monkeypatch, capsys):
+    from focusft_jax import train
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    out = tmp_path / "run"
+    code = train.main(["--config", str(_config_file(tmp_path)), f"train.output_dir={out}", "logging.wandb=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: logging.wandb: true needs the wandb package" in err and "pip install wandb" in err
+    assert not out.exists()  # stopped before the run directory was made
+
+
+def test_a_training_logs_its_curves_to_wandb_when_asked(tmp_path, monkeypatch, capsys):
+    from focusft_jax import train
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    code = train.main(["--config", str(_config_file(tmp_path)), f"train.output_dir={out}", "logging.wandb=true",
+                       "logging.wandb_project=p", "train.max_steps=2", "logging.tensorboard=false",
+                       "checkpoint.every_steps=100"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    (run,) = fake.runs
+    assert fake.inits[0]["config"]["method"]["num_inner_steps"] == 2 and fake.inits[0]["project"] == "p"
+    rows = _metrics(out)
+    assert [step for step, _ in run.logged] == [1, 2] and run.finished
+    assert run.logged[1][1]["train/base_loss"] == pytest.approx(rows[2]["base_loss"])
+    assert (out / "wandb_run_id").read_text().strip() == fake.inits[0]["id"]
