@@ -129,3 +129,19 @@ def test_train_py_trains_from_tfds_name_and_directory(tfds_dirs, tmp_path):
     assert [s["step"] for s in summaries] == [2, 2]
     # the same rows by name and by directory: the same training
     assert summaries[0]["final_loss"] == summaries[1]["final_loss"]
+
+
+def test_loader_names_or_skips_a_bad_tfds_row(tfds_dirs, tmp_path):
+    from focusft_jax.data.loader import load_chat_dataset
+    from focusft_jax.tokenizer import build_chat_tokenizer
+
+    _, _, bad_dir = tfds_dirs
+    tok_dir = tmp_path / "tok"
+    build_chat_tokenizer([m["content"] for c in CONVS for m in c] * 4, tok_dir, vocab_size=300)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    with pytest.raises(DataError, match=r"\[train\] index 3: message 0 has role 'robot'"):
+        load_chat_dataset(bad_dir, tok, max_length=64)
+    ds = load_chat_dataset(bad_dir, tok, max_length=64, on_bad_row="skip")
+    assert len(ds) == 5 and ds.stats.rows == 6 and ds.stats.skipped_total == 1
