@@ -42,6 +42,8 @@ import json
 import os
 import re
 from dataclasses import dataclass
+
+import numpy as np
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -117,12 +119,14 @@ def _data_files_under(p: Path) -> list[Path]:
 
 def resolve_source(spec: str | os.PathLike) -> list[tuple[str, str]]:
     """Maps one source spec to a list of (kind, location) with kind in
-    {"jsonl", "parquet", "hf_disk", "hf_load"}. Raises DataError for a path
+    {"jsonl", "parquet", "hf_disk", "hf_load", "tfds_name", "tfds_dir"}. Raises DataError for a path
     that looks like a file but does not exist, a glob matching nothing, a file
     of another type and an empty directory."""
     s = os.fspath(spec)
     if s.startswith("hf:"):
         return [("hf_load", s[3:])]
+    if s.startswith("tfds:"):
+        return [("tfds_name", s[5:])]
     p = Path(os.path.expanduser(s))
     if any(c in s for c in _GLOB_CHARS):
         matches = sorted(_glob.glob(os.path.expanduser(s), recursive=True))
@@ -142,6 +146,8 @@ def resolve_source(spec: str | os.PathLike) -> list[tuple[str, str]]:
             f"data source {s!r}: unsupported file type {suf!r}; expected .jsonl/.ndjson/.json (JSON lines) or .parquet"
         )
     if p.is_dir():
+        if (p / "dataset_info.json").is_file() and (p / "features.json").is_file():
+            return [("tfds_dir", str(p))]
         if _looks_like_hf_saved_dir(p):
             return [("hf_disk", str(p))]
         files = _data_files_under(p)
@@ -237,6 +243,81 @@ def _read_hf(kind: str, loc: str, split: str) -> Iterator[RawRow]:
         yield RawRow(f"{loc} [{split}] row {i}", item)
 
 
+def _import_tfds(what: str):
+    try:
+        import tensorflow_datasets as tfds  # noqa: PLC0415
+    except ImportError:
+        raise DataError(
+            f"reading {what} needs `tensorflow-datasets` and `array-record` (TensorFlow is not needed): "
+            "pip install 'focusft-jax[tfds]'"
+        ) from None
+    return tfds
+
+
+def _tfds_value(v: Any) -> Any:
+    """TFDS Text features come back as bytes (numpy or Python); rows use str."""
+    if isinstance(v, np.ndarray):
+        v = v.item() if v.ndim == 0 else v.tolist()
+    if isinstance(v, bytes):
+        return v.decode("utf-8")  # UnicodeDecodeError is named by the caller
+    if isinstance(v, dict):
+        return {k: _tfds_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_tfds_value(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _read_tfds(kind: str, loc: str, split: str) -> Iterator[RawRow]:
+    """Rows of a TFDS dataset stored as array_record, read through
+    `tfds.data_source` (random access, no TensorFlow). `loc` is either
+    `NAME[/CONFIG][:VERSION][:SPLIT]` (kind "tfds_name", looked up in
+    $TFDS_DATA_DIR, default ~/tensorflow_datasets) or a prepared dataset
+    directory (kind "tfds_dir", the folder holding dataset_info.json)."""
+    tfds = _import_tfds(f"the TFDS dataset {('tfds:' + loc) if kind == 'tfds_name' else loc!r}")
+    if kind == "tfds_name":
+        name, _, sp = loc.partition(":")
+        # NAME:VERSION:SPLIT or NAME:SPLIT; a version is dotted digits
+        if sp and ":" in sp:
+            ver, _, sp = sp.rpartition(":")
+            name = f"{name}:{ver}"
+        elif sp and all(part.isdigit() for part in sp.split(".")):
+            name, sp = f"{name}:{sp}", ""
+        split = sp or split
+        try:
+            builder = tfds.builder(name, data_dir=os.environ.get("TFDS_DATA_DIR"))
+        except Exception as e:  # tfds raises DatasetNotFoundError and friends
+            raise DataError(f"data source 'tfds:{loc}': no such TFDS dataset ({type(e).__name__}: {e})") from None
+        if not builder.is_prepared():
+            raise DataError(
+                f"data source 'tfds:{loc}': the TFDS dataset is not prepared under {builder.data_dir_root!r}; "
+                "prepare it with file_format='array_record' or set TFDS_DATA_DIR"
+            )
+    else:
+        try:
+            builder = tfds.builder_from_directory(loc)
+        except Exception as e:
+            raise DataError(f"data source {loc!r}: not a readable TFDS dataset directory ({type(e).__name__}: {e})") from None
+    label = f"tfds:{loc}" if kind == "tfds_name" else loc
+    if split not in builder.info.splits:
+        raise DataError(f"data source {label!r}: no split {split!r}; it has {sorted(builder.info.splits)}")
+    try:
+        src = builder.as_data_source(split=split)
+    except Exception as e:  # e.g. a tfrecord-only dataset, which needs TensorFlow
+        raise DataError(
+            f"data source {label!r}: cannot open split {split!r} without TensorFlow ({type(e).__name__}: {e}); "
+            "expected a dataset prepared with file_format='array_record'"
+        ) from None
+    for i in range(len(src)):
+        where = f"{label} [{split}] index {i}"
+        try:
+            value = _tfds_value(src[i])
+        except UnicodeDecodeError as e:
+            value = DataError(where, f"a text field is not valid UTF-8 (byte {e.start})", "invalid_utf8")
+        yield RawRow(where, value)
+
+
 def read_rows(
     sources: list[str | os.PathLike] | str | os.PathLike,
     *,
@@ -253,6 +334,8 @@ def read_rows(
                 yield from _read_jsonl(loc)
             elif kind == "parquet":
                 yield from _read_parquet(loc, columns)
+            elif kind in ("tfds_name", "tfds_dir"):
+                yield from _read_tfds(kind, loc, split)
             else:
                 yield from _read_hf(kind, loc, split)
 
