@@ -37,7 +37,7 @@ from focusft_jax import job, run_dir
 from focusft_jax.checkpoint import Checkpointer, abstract_like
 from focusft_jax.config import (ConfigError, config_reference_markdown, config_reference_text, dump_config,
                                 load_config, to_dict)
-from focusft_jax.data import ChatLoader, DataError
+from focusft_jax.data import ChatLoader, DataError, check_sources
 from focusft_jax.diagnostics import attention_diagnostics
 from focusft_jax.errors import TrainingDiverged
 from focusft_jax.hf import CheckpointError, recover_export, save_hf
@@ -107,6 +107,7 @@ def train(cfg, log=print) -> dict:
     main_process = jax.process_index() == 0
     if cfg.logging.wandb and main_process:  # only process 0 logs
         require_wandb()
+    check_sources(cfg.data.train)  # a missing file or package: one error line before any work
     run_dir.create(out)
     if main_process:  # an export killed mid-swap: put the previous good one back under hf/
         recover_export(out / "hf")

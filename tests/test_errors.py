@@ -4,6 +4,7 @@ function, or train.main with a config that fails before a model is built."""
 from __future__ import annotations
 
 import json
+import sys
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -218,15 +219,23 @@ def test_train_main_prints_one_error_line_and_exits_2(tmp_path, capsys, sets, na
 
 
 @pytest.mark.parametrize(
-    "source, named",
+    "source, named, hidden",
     [
-        ("{tmp}/missing.jsonl", "data source '{tmp}/missing.jsonl': no such file or directory"),
-        ("{tmp}/rows.csv", "data source '{tmp}/rows.csv': unsupported file type '.csv'"),
-        ("{tmp}/*.parquet", "data source '{tmp}/*.parquet': the pattern matches no file"),
+        ("{tmp}/missing.jsonl", "data source '{tmp}/missing.jsonl': no such file or directory", None),
+        ("{tmp}/rows.csv", "data source '{tmp}/rows.csv': unsupported file type '.csv'", None),
+        ("{tmp}/*.parquet", "data source '{tmp}/*.parquet': the pattern matches no file", None),
+        ("hf:someone/chats", "the Hugging Face dataset 'someone/chats' (data.train entry 'hf:someone/chats') "
+         "needs the Hugging Face `datasets` package", "datasets"),
+        ("tfds:tiny_chat", "the TFDS dataset 'tfds:tiny_chat' (data.train entry) needs `tensorflow-datasets`",
+         "tensorflow_datasets"),
     ],
 )
-def test_train_main_bad_data_source_is_one_error_line(tmp_path, capsys, source, named):
+def test_train_main_bad_data_source_is_one_error_line(tmp_path, capsys, monkeypatch, source, named, hidden):
+    """Before any work (no tokenizer loaded, no run directory made)."""
     import train
+
+    if hidden:  # as if the optional package were not installed: `import` raises ImportError
+        monkeypatch.setitem(sys.modules, hidden, None)
 
     tok = build_test_tokenizer(tmp_path / "tok")
     (tmp_path / "rows.csv").write_text("a,b\n")
@@ -237,4 +246,4 @@ def test_train_main_bad_data_source_is_one_error_line(tmp_path, capsys, source, 
     assert train.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and named.format(tmp=tmp_path) in err[-1], err
-    assert not any("Traceback" in line for line in err)
+    assert not any("Traceback" in line for line in err) and not (tmp_path / "run").exists()

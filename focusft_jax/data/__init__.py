@@ -24,7 +24,8 @@ from focusft_jax.data.batching import (
     truncate,
 )
 from focusft_jax.data.loader import Batch, ChatDataset, ChatLoader, DataStats, load_chat_dataset
-from focusft_jax.data.records import ROLES, ChatRecord, DataError, RawRow, parse_record, read_rows, resolve_source
+from focusft_jax.data.records import (ROLES, ChatRecord, DataError, RawRow, check_sources, parse_record, read_rows,
+                                     resolve_source)
 from focusft_jax.data.render import (
     Rendered,
     TokenizedExample,
@@ -59,6 +60,7 @@ __all__ = [
     "render_example",
     "render_spans",
     "resolve_source",
+    "check_sources",
     "round_loss_positions",
     "template_kwargs",
     "tokenize_rendered",

@@ -318,6 +318,20 @@ def _read_tfds(kind: str, loc: str, split: str) -> Iterator[RawRow]:
         yield RawRow(where, value)
 
 
+def check_sources(sources: list[str | os.PathLike]) -> None:
+    """What can be known of the training sources before any work: each
+    resolves (a missing file or pattern, an empty directory is a DataError
+    naming it) and the optional package its kind needs is installed
+    (`datasets` for hub names and save_to_disk directories,
+    `tensorflow-datasets` for TFDS). Rows are not read."""
+    for spec in sources:
+        for kind, loc in resolve_source(spec):
+            if kind in ("hf_load", "hf_disk"):
+                _import_datasets(f"the Hugging Face dataset {loc!r} (data.train entry {os.fspath(spec)!r})")
+            elif kind in ("tfds_name", "tfds_dir"):
+                _import_tfds(f"the TFDS dataset {os.fspath(spec)!r} (data.train entry)")
+
+
 def read_rows(
     sources: list[str | os.PathLike] | str | os.PathLike,
     *,
