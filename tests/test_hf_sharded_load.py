@@ -54,6 +54,14 @@ _SCRIPT = textwrap.dedent("""
                 assert np.array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8)), (src, sizes, p)
             sharded = [x for x in jax.tree.leaves(new.params) if not x.sharding.is_fully_replicated]
             assert sharded, (src, sizes)
+            # the trainer's path: job.build_model with the mesh, then place() keeps those arrays as they are
+            from types import SimpleNamespace
+            from focusft_jax import job
+            from focusft_jax.sharding import place
+            cfg = SimpleNamespace(model=SimpleNamespace(path=src, numerics=lambda: {}))
+            _, params, _ = job.build_model(cfg, None, mesh)
+            placed = place(params, want)
+            assert all(a is b for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(params)))
     print("OK")
 """)
 
