@@ -299,8 +299,10 @@ def _damaged(f: Path, e: Exception, tensor: str | None = None) -> CheckpointErro
     )
 
 
-def load_hf(path_or_id: str | os.PathLike, **overrides) -> HFModel:
-    """Imports a Hugging Face causal LM checkpoint.
+def load_hf_on_host(path_or_id: str | os.PathLike, **overrides) -> HFModel:
+    """Imports a Hugging Face causal LM checkpoint, the whole model on the
+    host (np.stack of every layer) then on the default device. Kept as the
+    reference of load_hf (tests, bench/load.py).
 
     overrides: ModelConfig fields, e.g. param_dtype="bfloat16",
     attention_impl="dense". Every expected tensor must be present with the
@@ -367,6 +369,127 @@ def load_hf(path_or_id: str | os.PathLike, **overrides) -> HFModel:
         for p in path[:-1]:
             node = node.setdefault(p, {})
         node[path[-1]] = value
+    extra = sorted(k for k in where if k not in used and not _IGNORED.match(k))
+    if cfg.tie_word_embeddings:
+        extra = [k for k in extra if k != "lm_head.weight"]
+    if extra:
+        raise CheckpointError(
+            f"{d}: unexpected tensors for a {FAMILY_ARCH[cfg.family]} with this config: {extra[:5]}"
+            + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
+        )
+    return HFModel(cfg=cfg, params=params, hf_config=hf, source_dir=d)
+
+
+def load_hf(path_or_id: str | os.PathLike, shardings: Any = None, mesh: Any = None, **overrides) -> HFModel:
+    """Imports a Hugging Face causal LM checkpoint straight into its target shardings.
+
+    shardings: a params pytree of jax.sharding.Sharding; or mesh: a
+    (data, fsdp, tensor) Mesh, whose shardings come from LOGICAL_RULES
+    (sharding.param_shardings); neither: the default device. Each leaf is
+    assembled with jax.make_array_from_callback: for each addressable
+    device's index, only that slice of each needed tensor (and, for a leaf
+    stacked on [L], only the layers of the index) is read from the
+    safetensors files (get_slice), transposed for kernels and cast to
+    cfg.param_dtype into one buffer of the device's shard. No full stacked
+    copy on the host: peak host memory ~ the shards plus one layer slice.
+    overrides: ModelConfig fields. Same checks as before: every expected
+    tensor present with the expected shape (read from the headers before
+    any data), no unknown tensors.
+    """
+    d = resolve_model_dir(path_or_id)
+    cfg_path = d / "config.json"
+    if not cfg_path.exists():
+        raise CheckpointError(f"{d}: no config.json")
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    cfg = config_from_hf(hf, str(cfg_path), **overrides)
+    files = _weight_files(d)
+    handles, where = {}, {}
+    for f in files:
+        try:
+            h = safe_open(str(f), framework="numpy")
+            keys = list(h.keys())
+        except (SafetensorError, OSError) as e:
+            raise _damaged(f, e) from None
+        handles[f] = h
+        for k in keys:
+            where[k] = f
+    names = hf_names(cfg)
+    shapes = param_shapes(cfg)
+    dtype = np.dtype(jnp.dtype(cfg.param_dtype))
+    if shardings is None and mesh is not None:
+        from focusft_jax.model import logical_axes
+        from focusft_jax.sharding import param_shardings
+
+        shardings = param_shardings(
+            jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), shapes, is_leaf=lambda x: isinstance(x, tuple)),
+            logical_axes(cfg), mesh)
+    used: set[str] = set()
+
+    def check(path, name, shape):  # from the header only: no data read
+        if name not in where:
+            if path == ("lm_head", "kernel"):
+                raise CheckpointError(
+                    f"{d}: tensor {name!r} is missing and tie_word_embeddings is false in config.json"
+                )
+            raise CheckpointError(f"{d}: tensor {name!r} is missing from {[f.name for f in files]}")
+        used.add(name)
+        try:
+            got = tuple(handles[where[name]].get_slice(name).get_shape())
+        except (SafetensorError, OSError) as e:
+            raise _damaged(where[name], e, name) from None
+        kernel = path[-1] == "kernel"
+        if (got[::-1] if kernel else got) != tuple(shape):
+            raise CheckpointError(
+                f"{where[name]}: tensor {name!r} has shape {got}, "
+                f"config.json implies {tuple(shape[::-1]) if kernel else tuple(shape)}"
+            )
+
+    def read(path, name, idx):
+        """Our-layout slice idx (a tuple of slices) of tensor `name`, in `dtype`."""
+        kernel = path[-1] == "kernel"
+        try:
+            t = handles[where[name]].get_slice(name)[tuple(idx[::-1]) if kernel else tuple(idx)]
+        except (SafetensorError, OSError) as e:
+            raise _damaged(where[name], e, name) from None
+        return (t.T if kernel else t).astype(dtype, copy=False)
+
+    def build(path, name, shape, sharding):
+        stacked = isinstance(name, list)
+        for n in name if stacked else [name]:
+            check(path, n, shape[1:] if stacked else shape)
+        cache: dict = {}  # replicated dims: devices sharing an index share one host read
+
+        def cb(index):
+            idx = tuple(slice(*s.indices(dim)) for s, dim in zip(index, shape))
+            key = tuple((s.start, s.stop, s.step) for s in idx)
+            if key not in cache:
+                if stacked:
+                    layers = range(*idx[0].indices(shape[0]))
+                    out = np.empty((len(layers),) + tuple(len(range(*s.indices(dm))) for s, dm in
+                                                          zip(idx[1:], shape[1:])), dtype)
+                    for j, i in enumerate(layers):
+                        out[j] = read(path, name[i], idx[1:])
+                    cache[key] = out
+                else:
+                    cache[key] = np.ascontiguousarray(read(path, name, idx))
+            return cache[key]
+
+        return jax.make_array_from_callback(tuple(shape), sharding, cb)
+
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params: Params = {}
+    for path, name in names.items():
+        shape, sh = shapes, shardings
+        for p in path:
+            shape = shape[p]
+            sh = sh[p] if sh is not None else None
+        node = params
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = build(path, name, shape, sh if sh is not None else default)
     extra = sorted(k for k in where if k not in used and not _IGNORED.match(k))
     if cfg.tie_word_embeddings:
         extra = [k for k in extra if k != "lm_head.weight"]

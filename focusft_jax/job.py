@@ -136,12 +136,14 @@ def data_metrics(stats) -> dict:
     }
 
 
-def build_model(cfg, tokenizer) -> tuple[ModelConfig, Params, dict]:
+def build_model(cfg, tokenizer, mesh=None) -> tuple[ModelConfig, Params, dict]:
     """(model config, params, HF config dict) from model.path or model.init,
-    with the model section's numerics (dtypes, attention, remat) applied."""
+    with the model section's numerics (dtypes, attention, remat) applied.
+    mesh: a checkpoint is read straight into its shardings on it (each
+    process reads only its devices' slices, hf.load_hf)."""
     m = cfg.model
     if m.path is not None:
-        loaded = load_hf(m.path, **m.numerics())  # casts the tensors to param_dtype as it reads them
+        loaded = load_hf(m.path, mesh=mesh, **m.numerics())  # cast to param_dtype as it reads
         return loaded.cfg, loaded.params, loaded.hf_config
     vocab = m.init.vocab_size or len(tokenizer)
     if vocab < len(tokenizer):

@@ -169,9 +169,12 @@ def place(tree, shardings):
     (`jax.make_array_from_callback`): no transfer of the whole leaf to one
     device, and none of device_put's cross-process check that all processes
     passed the same value (one collective per leaf)."""
-    return jax.tree_util.tree_map(
-        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x[idx])), tree, shardings
-    )
+    def one(x, s):
+        if isinstance(x, jax.Array) and x.sharding == s:  # already placed (hf.load_hf with the mesh)
+            return x
+        return jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x[idx]))
+
+    return jax.tree_util.tree_map(one, tree, shardings)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, batch_axis: int = 0) -> NamedSharding:

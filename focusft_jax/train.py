@@ -128,7 +128,7 @@ def train(cfg, log=print) -> dict:
         skipped_file = job.write_skipped_rows(out, dataset.stats)
         if dataset.stats.skipped_total:
             log(f"data: the {dataset.stats.skipped_total} skipped rows are listed in {skipped_file}")
-    model_cfg, params, hf_config = job.build_model(cfg, tokenizer)
+    model_cfg, params, hf_config = job.build_model(cfg, tokenizer, mesh)
     fcfg = cfg.method
 
     log(f"{jax.device_count()} devices ({jax.default_backend()}), {jax.process_count()} process(es); "
