@@ -4,9 +4,11 @@ Import reads a local model directory or a hub id (downloaded with
 `huggingface_hub.snapshot_download`, safetensors only). Pickle `.bin` weights
 are refused, and no remote code is ever run. Export writes a directory that
 `transformers.AutoModelForCausalLM.from_pretrained` loads with no missing or
-unexpected keys: config.json, safetensors shards with an index,
-generation_config.json, and the tokenizer files and chat template copied
-from the source. The export is atomic: a kill at any point leaves the
+unexpected keys, laid out as the installed transformers' `save_pretrained`
+writes one: config.json (the architecture's config class serializes it),
+model.safetensors (or model-0000i-of-0000n.safetensors and an index when
+sharded), generation_config.json, and the tokenizer files and chat template
+copied from the source (model_max_length set to the model's context). The export is atomic: a kill at any point leaves the
 previous or the new complete directory (save_hf, recover_export).
 """
 from __future__ import annotations
@@ -175,40 +177,74 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json", **overrides)
         raise CheckpointError(f"{source}: {e}") from None
 
 
-def config_to_hf(cfg: ModelConfig, base: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A config.json dict for `cfg`. Keys of `base` (the imported config) that
-    we do not own are preserved."""
-    hf = dict(base or {})
-    for stale in ("rope_parameters", "rope_scaling", "rope_theta", "torch_dtype", "dtype", "_name_or_path"):
-        hf.pop(stale, None)
-    rope: dict[str, Any] | None = None
-    if cfg.rope_type != "default":
-        rope = {"rope_type": cfg.rope_type, **cfg.rope_params}
-    hf.update(
-        architectures=[FAMILY_ARCH[cfg.family]],
-        model_type=cfg.family,
+# Keys of an imported config.json that the export writes itself (or that
+# name the source): the rope and dtype keys of either layout, the version.
+_OWNED_CONFIG_KEYS = ("rope_parameters", "rope_scaling", "rope_theta", "torch_dtype", "dtype", "_name_or_path",
+                      "transformers_version", "architectures", "model_type")
+
+
+def _transformers_v5() -> bool:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0]) >= 5
+
+
+def hf_config_object(cfg: ModelConfig, base: dict[str, Any] | None = None):
+    """The installed transformers' config object (LlamaConfig, Qwen2Config,
+    ...) for `cfg`: the keys we own from `cfg`, every other key of `base` (the
+    imported config.json: token ids, initializer_range, ...) passed along, and
+    the architecture's defaults for the rest, as `save_pretrained` has them.
+    transformers v5 takes rope_parameters (rope_theta and rope_type inside) and
+    dtype; v4 takes rope_theta, rope_scaling and torch_dtype. Building the
+    object needs no torch (transformers imports it only when installed)."""
+    from transformers import AutoConfig
+
+    kw = {k: v for k, v in (base or {}).items() if k not in _OWNED_CONFIG_KEYS}
+    kw.update(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
         hidden_act="silu",
         rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta,
-        rope_scaling=rope,
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=cfg.tie_word_embeddings,
-        torch_dtype=cfg.param_dtype,
     )
     if cfg.family in ("llama", "qwen3"):
-        hf["attention_bias"] = cfg.o_bias or cfg.qkv_bias
+        kw["attention_bias"] = cfg.o_bias or cfg.qkv_bias
     if cfg.family == "llama":
-        hf["mlp_bias"] = cfg.mlp_bias
+        kw["mlp_bias"] = cfg.mlp_bias
     if cfg.family == "mistral":
-        hf["sliding_window"] = cfg.sliding_window
-    return hf
+        kw["sliding_window"] = cfg.sliding_window
+    if cfg.family in ("qwen2", "qwen3"):
+        # Our sliding window covers every layer (config_from_hf reads it so).
+        kw["use_sliding_window"] = cfg.sliding_window is not None
+        kw["sliding_window"] = cfg.sliding_window
+        kw["layer_types"] = ["sliding_attention" if cfg.sliding_window else "full_attention"] * cfg.num_layers
+    rope = {"rope_type": cfg.rope_type, **cfg.rope_params}
+    if _transformers_v5():
+        kw.update(rope_parameters={"rope_theta": cfg.rope_theta, **rope}, dtype=cfg.param_dtype)
+    else:  # pragma: no cover - CI runs transformers v5
+        kw.update(rope_theta=cfg.rope_theta, rope_scaling=rope if cfg.rope_type != "default" else None,
+                  torch_dtype=cfg.param_dtype)
+    kw.pop("head_dim", None)
+    config = AutoConfig.for_model(cfg.family, **kw)
+    # head_dim is a key of the architectures that have it (Llama derives it
+    # from hidden_size / heads); Qwen2 has none and reads it only when set.
+    if "head_dim" in (base or {}) or getattr(config, "head_dim", cfg.hidden_size // cfg.num_heads) != cfg.head_dim:
+        config.head_dim = cfg.head_dim
+    config.architectures = [FAMILY_ARCH[cfg.family]]
+    return config
+
+
+def config_to_hf(cfg: ModelConfig, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The config.json dict the export writes for `cfg`: what the installed
+    transformers' `save_pretrained` writes for that config (its diff against
+    the defaults, with transformers_version). Keys of `base` (the imported
+    config) that we do not own are preserved."""
+    return hf_config_object(cfg, base).to_diff_dict()
 
 
 # ---------------------------------------------------------------- locating files
@@ -737,17 +773,43 @@ def save_hf(
 
 
 def _shards(plan: list[_ExportTensor], max_shard_bytes: int) -> list[list[_ExportTensor]]:
-    """`plan` cut, in order, into files of at most max_shard_bytes (a bigger
-    tensor gets a file of its own)."""
-    shards: list[list[_ExportTensor]] = [[]]
+    """`plan` cut, in order, into files of at most max_shard_bytes, the way
+    huggingface_hub's split_torch_state_dict_into_shards cuts (what
+    save_pretrained uses): a tensor bigger than the limit gets a file of its
+    own, and the file being filled stays open for the tensors after it."""
+    shards: list[list[_ExportTensor]] = []
+    current: list[_ExportTensor] = []
     size = 0
     for t in plan:
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(t)
+        if t.nbytes > max_shard_bytes:
+            shards.append([t])
+            continue
+        if current and size + t.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(t)
         size += t.nbytes
+    if current or not shards:
+        shards.append(current)
     return shards
+
+
+def _shard_names(n: int) -> list[str]:
+    """save_pretrained's file names: model.safetensors for one file, else
+    model-0000i-of-0000n.safetensors with an index."""
+    return ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _generation_config(config, source: dict[str, Any] | None):
+    """The transformers GenerationConfig the export saves: the source's
+    values when it had one (as from_pretrained loads it), else the one
+    transformers derives from the model config (bos/eos/pad ids,
+    `_from_model_config`), as a freshly built model has."""
+    from transformers import GenerationConfig
+
+    if source is not None:
+        return GenerationConfig.from_dict(source)
+    return GenerationConfig.from_model_config(config)
 
 
 def _write_hf_dir(
@@ -759,35 +821,56 @@ def _write_hf_dir(
     max_shard_bytes: int,
     generation_config: dict[str, Any] | None,
 ) -> None:
-    """save_hf's files, into the (empty, temporary) directory `out`. A
-    tokenizer_dir that is the export being replaced is still there to read."""
-    base = dict(hf_config or {})
-    config = config_to_hf(cfg, base)
+    """save_hf's files, into the (empty, temporary) directory `out`, named and
+    serialized as the installed transformers' `save_pretrained` writes them.
+    A tokenizer_dir that is the export being replaced is still there to read."""
+    config = hf_config_object(cfg, hf_config)
     shards = _shards(_export_plan(cfg, params), max_shard_bytes)
+    names = _shard_names(len(shards))
     weight_map = {}
-    n = len(shards)
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+    for fname, shard in zip(names, shards, strict=True):
         write_shard(out / fname, shard, (_host_tensor(params, t) for t in shard))
         weight_map.update({t.name: fname for t in shard})
-    total = sum(t.nbytes for shard in shards for t in shard)
-    index = {"metadata": {"total_size": int(total)}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if len(shards) > 1:
+        tensors = [t for shard in shards for t in shard]
+        index = {
+            "metadata": {"total_parameters": sum(t.nbytes // t.dtype.itemsize for t in tensors),
+                         "total_size": sum(t.nbytes for t in tensors)},
+            "weight_map": weight_map,
+        }
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    config.to_json_file(out / "config.json", use_diff=True)  # what config.save_pretrained writes
 
     src = Path(tokenizer_dir) if tokenizer_dir is not None else None
     gen_src = src / "generation_config.json" if src is not None else None
-    if generation_config is not None:
-        gen = generation_config
-    elif gen_src is not None and gen_src.exists():
-        gen = json.loads(gen_src.read_text())
-    else:
-        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
+    if generation_config is None and gen_src is not None and gen_src.exists():
+        try:
+            generation_config = json.loads(gen_src.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{gen_src}: not valid JSON ({e})") from None
+    gen = _generation_config(config, generation_config)
+    gen.to_json_file(out / "generation_config.json", use_diff=True)  # as GenerationConfig.save_pretrained
     if src is not None:
         for name in TOKENIZER_FILES:
             if (src / name).exists():
                 shutil.copyfile(src / name, out / name)
+        _set_model_max_length(out / "tokenizer_config.json", cfg.max_position_embeddings)
+
+
+def _set_model_max_length(path: Path, length: int) -> None:
+    """The exported tokenizer's model_max_length is the model's context
+    (max_position_embeddings), whatever the source tokenizer said."""
+    if not path.exists():
+        return
+    try:
+        tok_cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(tok_cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(tok_cfg).__name__}")
+    if tok_cfg.get("model_max_length") != length:
+        tok_cfg["model_max_length"] = length
+        path.write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def export_model(model: HFModel, out_dir: str | os.PathLike, params: Params | None = None, **kw) -> Path:

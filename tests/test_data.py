@@ -4,8 +4,8 @@ packing (checked against the attention mask), deterministic shuffling, exact
 resume and multi-host sharding."""
 from __future__ import annotations
 
-import importlib.util
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ from focusft_jax.data import (
     load_chat_dataset,
     max_row_predictions,
     parse_record,
+    read_rows,
     render_example,
     render_spans,
     round_loss_positions,
@@ -380,25 +381,53 @@ def test_missing_files_and_unsupported_types(chatml, tmp_path):
 
 
 def test_hugging_face_datasets(chatml, tmp_path):
-    rows = [simple_conv(k) for k in range(4)]
-    local = tmp_path / "hf_saved"
-    if importlib.util.find_spec("datasets") is not None:
-        import datasets
+    """The real `datasets` path (requirements-test.txt installs it): a
+    save_to_disk directory and a local JSON file loaded through
+    datasets.load_dataset read the same rows as JSONL, render the same
+    chats, and a bad row is named by split and row number."""
+    import datasets
 
-        datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(local))
-        ds = load_chat_dataset(str(local), chatml, max_length=256)
-        ref = load_chat_dataset(write_jsonl(tmp_path / "r.jsonl", rows), chatml, max_length=256)
-        assert ds.fingerprint == ref.fingerprint
-        with pytest.raises(DataError, match="no split 'test'"):
-            load_chat_dataset(str(local), chatml, max_length=256, split="test")
-    else:
-        local.mkdir()
-        (local / "dataset_dict.json").write_text('{"splits": ["train"]}')
-        for source in (str(local), "some-org/some-chat-dataset", "hf:some-org/other"):
-            with pytest.raises(DataError) as e:
-                load_chat_dataset(source, chatml, max_length=256)
-            assert "pip install datasets" in str(e.value)
-            assert source.removeprefix("hf:") in str(e.value)
+    rows = [simple_conv(k) for k in range(4)]
+    ref = load_chat_dataset(write_jsonl(tmp_path / "r.jsonl", rows), chatml, max_length=256)
+    local = tmp_path / "hf_saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(local))
+    ds = load_chat_dataset(str(local), chatml, max_length=256)
+    assert len(ds) == 4 and ds.fingerprint == ref.fingerprint
+    assert [r.where for r in read_rows(str(local))] == [f"{local} [train] row {i}" for i in range(1, 5)]
+    with pytest.raises(DataError, match="no split 'test'"):
+        load_chat_dataset(str(local), chatml, max_length=256, split="test")
+    # A single Dataset (no DatasetDict) saved to disk.
+    flat = tmp_path / "flat"
+    datasets.Dataset.from_list(rows).save_to_disk(str(flat))
+    assert load_chat_dataset(str(flat), chatml, max_length=256).fingerprint == ref.fingerprint
+    bad = rows[:2] + [{"messages": [{"role": "user", "content": "only a question"}]}] + rows[2:]
+    bad_dir = tmp_path / "hf_bad"
+    datasets.Dataset.from_list(bad).save_to_disk(str(bad_dir))
+    with pytest.raises(DataError, match=rf"{re.escape(str(bad_dir))} \[train\] row 3: no assistant message"):
+        load_chat_dataset(str(bad_dir), chatml, max_length=256)
+
+
+def test_hugging_face_datasets_not_installed(chatml, tmp_path, monkeypatch):
+    """Without the `datasets` package, a source that needs it is an error
+    naming the source and saying what to install."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets" or name.startswith("datasets."):
+            raise ImportError("No module named 'datasets'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    local = tmp_path / "hf_saved"
+    local.mkdir()
+    (local / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    for source in (str(local), "some-org/some-chat-dataset", "hf:some-org/other"):
+        with pytest.raises(DataError) as e:
+            load_chat_dataset(source, chatml, max_length=256)
+        assert "pip install datasets" in str(e.value)
+        assert source.removeprefix("hf:") in str(e.value)
 
 
 # --- truncation -------------------------------------------------------------

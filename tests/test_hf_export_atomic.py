@@ -54,7 +54,8 @@ def test_export_over_an_export_replaces_it_and_drops_stale_shards(tmp_path):
     (out / "eval").mkdir()
     (out / "eval" / "results.json").write_text("{}")
     hf.save_hf(out, CFG, new)
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model-00001-of-00001.safetensors"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists()  # one file: no index, as save_pretrained
     assert not (out / "merges.txt").exists()  # export files are the new export's only
     assert (out / "notes.txt").read_text() == "someone else's"  # other entries are carried over
     assert (out / "eval" / "results.json").read_text() == "{}"
