@@ -8,8 +8,9 @@ unexpected keys, laid out as the installed transformers' `save_pretrained`
 writes one: config.json (the architecture's config class serializes it),
 model.safetensors (or model-0000i-of-0000n.safetensors and an index when
 sharded), generation_config.json, and the tokenizer files and chat template
-copied from the source (model_max_length set to the model's context). The export is atomic: a kill at any point leaves the
-previous or the new complete directory (save_hf, recover_export).
+copied from the source (model_max_length set to the model's context). The
+export is atomic: a kill at any point leaves the previous or the new complete
+directory (save_hf, recover_export).
 """
 from __future__ import annotations
 

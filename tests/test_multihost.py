@@ -21,7 +21,8 @@ import pytest
 
 from tests.test_train import ROOT, _config_file, _metrics, _params, _run_train
 
-SETS = ("train.max_steps=12", "checkpoint.every_steps=3", "mesh.fsdp=-1", "mesh.data=1")
+SETS = ("train.max_steps=12", "checkpoint.every_steps=3", "mesh.fsdp=-1", "mesh.data=1",
+        "optim.lr=1e-3")  # see the loss check
 
 
 def _free_port() -> int:
@@ -97,9 +98,11 @@ def test_two_processes_train_checkpoint_resume_and_export_as_one(tmp_path):
     first, resumed = logged[: len(logged) - (12 - k)], logged[len(logged) - (12 - k):]
     assert resumed == list(range(k + 1, 13)) and first == list(range(1, len(first) + 1)) and len(first) >= k, logged
     for step in a:
-        # 1e-5 relative: 4 devices sum in another order than one, and the
-        # rounding differences grow a little over the steps at lr 1e-2
-        assert abs(a[step]["loss"] - b[step]["loss"]) <= 1e-5 * max(1.0, abs(a[step]["loss"])), step
+        # 1e-5 relative: 4 devices sum in another order than one. At lr 1e-2
+        # those rounding differences grew to 2e-5 by step 11 (chaotic
+        # amplification, not a bug); at lr 1e-3 they stay at a float's spacing.
+        gap = abs(a[step]["loss"] - b[step]["loss"])
+        assert gap <= 1e-5 * max(1.0, abs(a[step]["loss"])), (step, gap)
         assert a[step]["batch_checksum"] == b[step]["batch_checksum"], step
     for x, y in zip(_flat(_params(one)), _flat(_params(two))):
         np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)

@@ -81,9 +81,11 @@ def test_bad_reuse_settings_are_config_errors(tmp_path, sets, message):
         _cfg(tmp_path, *sets)
 
 
-def test_refused_resume_leaves_config_yaml_unchanged_through_train_py(tmp_path, capsys):
+def test_refused_resume_leaves_config_yaml_unchanged_through_train_py(tmp_path, capsys, monkeypatch):
     import train
 
+    monkeypatch.chdir(tmp_path)  # train() checks that data.train's files exist before the resume
+    (tmp_path / "data.jsonl").write_text('{"messages": []}\n')
     out = _previous_run(tmp_path)
     before = (out / "config.yaml").read_bytes()
     (tmp_path / "c.yaml").write_text(MINIMAL)
