@@ -52,7 +52,7 @@ from focusft_jax.sharding import (
     shard_batch,
     sync_processes,
 )
-from focusft_jax.trainer import init_state, train_step
+from focusft_jax.trainer import init_state_sharded, train_step
 from focusft_jax.training_record import training_record
 
 
@@ -174,7 +174,7 @@ def train(cfg, log=print) -> dict:
         grad_clip=cfg.optim.grad_clip,
     )
     params = place(params, param_shardings(params, logical_axes(model_cfg), mesh))
-    state = jax.jit(lambda p: init_state(p, optimizer))(params)
+    state = init_state_sharded(params, optimizer)  # AdamW's moments sharded as their params
 
     ckpt = Checkpointer(out / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
     loader_state = None

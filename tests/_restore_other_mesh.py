@@ -10,7 +10,7 @@ from focusft_jax.checkpoint import Checkpointer, abstract_like
 from focusft_jax.model import ModelConfig, init_params, logical_axes
 from focusft_jax.optim import make_optimizer
 from focusft_jax.sharding import make_mesh, param_shardings
-from focusft_jax.trainer import init_state
+from focusft_jax.trainer import init_state_sharded
 
 directory = sys.argv[1]
 cfg = ModelConfig(family="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
@@ -21,7 +21,7 @@ opt, _ = make_optimizer(params, lr=1e-3, total_steps=10)
 
 def state_on(mesh):
     p = jax.device_put(params, param_shardings(params, logical_axes(cfg), mesh))
-    return jax.jit(lambda p: init_state(p, opt))(p)
+    return init_state_sharded(p, opt)
 
 
 a = state_on(make_mesh(data=8, fsdp=1, tensor=1))
