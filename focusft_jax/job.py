@@ -211,6 +211,15 @@ def postfix(row: dict) -> dict:
     return out
 
 
+def evaluation_command(tool: str) -> str:
+    """How to start an evaluation tool ("babilong", "ruler", "generate") from
+    where this package runs: `python -m eval.TOOL` in a clone (its eval/
+    beside the package), the installed console script `focusft-TOOL`
+    otherwise (an installed package has no eval/)."""
+    clone = Path(__file__).resolve().parents[1] / "eval" / f"{tool}.py"
+    return f"python -m eval.{tool}" if clone.exists() else f"focusft-{tool}"
+
+
 def final_summary(s: dict) -> str:
     def fmt(x):
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
@@ -225,7 +234,7 @@ def final_summary(s: dict) -> str:
         f"  checkpoints: {s['checkpoints']}",
         f"  HF export:   {s['hf_export']}   (load with transformers, or evaluate: the tools read its",
         "               focusft.json for the prompt format, attention and lengths of this model)",
-        f"               python -m eval.babilong --checkpoint {s['hf_export']} --data generate --samples 20 "
+        f"               {evaluation_command('babilong')} --checkpoint {s['hf_export']} --data generate --samples 20 "
         f"--batch-size 20 --out {Path(s['output_dir']) / 'eval'}",
         f"  metrics:     {s['metrics']}  (TensorBoard: tensorboard --logdir {s['tensorboard']})",
     ]

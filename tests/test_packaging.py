@@ -63,6 +63,9 @@ def test_wheel_installs_and_its_commands_run_outside_the_clone(tmp_path):
     imported_from, benchmark, recorded = where.splitlines()
     assert str(venv) in imported_from and benchmark == "True"
     assert recorded.startswith("None ") and recorded != "None None"  # an evaluation's manifest: version, no commit
+    # the trainer's closing summary names the installed command, not the clone's `python -m eval.babilong`
+    code = "from focusft_jax.job import evaluation_command; print(evaluation_command('babilong'))"
+    assert _run([python, "-c", code], cwd=work).strip() == "focusft-babilong"
     assert "--help-config" in _run([bin_dir / "focusft-train", "--help"], cwd=work)
     assert "model.init.hidden_size" in _run([bin_dir / "focusft-train", "--help-config"], cwd=work)
     for tool in ("babilong", "ruler", "generate"):
