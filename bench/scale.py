@@ -299,12 +299,15 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--measure", type=int, default=0, metavar="STEPS",
                     help="also run each row for real on the devices, timing STEPS steps (for a GPU)")
     ap.add_argument("--only", default="", help="comma-separated substrings: compile only the rows whose name has one")
+    ap.add_argument("--skip", default="", help="comma-separated substrings: leave out the rows whose name has one")
     ap.add_argument("--mfu", type=float, default=0.4, help="the assumed MFU of the step-time column")
     ap.add_argument("--out", default="", help="also write the JSON here")
     args = ap.parse_args(argv)
     grid = {"paper": paper_grid, "gpu": gpu_grid, "tiny": tiny_grid}[args.grid]()
     if args.only:
         grid = [r for r in grid if any(s in r.name for s in args.only.split(","))]
+    if args.skip:
+        grid = [r for r in grid if not any(s in r.name for s in args.skip.split(","))]
     rows = []
     for row in grid:
         rows.append(plan_row(row, args.mfu, args.measure))
