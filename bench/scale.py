@@ -85,7 +85,7 @@ from focusft_jax.trainer import init_state, init_state_sharded, state_shardings,
 PEAK_FLOPS = {"h100_h200": 989e12, "tpu_v5p": 459e12}
 CHIP_OF_DEVICE_KIND = {"H100": "h100_h200", "H200": "h100_h200", "TPU v5p": "tpu_v5p"}  # jax Device.device_kind
 GIB = 2**30
-DEVICE_MEMORY_GIB = 80  # the issue's budget: an 80 GB accelerator
+DEVICE_MEMORY_GB = 80  # the issue's budget: an 80 GB accelerator
 
 # Qwen2.5-7B (its config.json): 28 layers, hidden 3584, FFN 18944, 28 query
 # and 4 key/value heads of 128, vocab 152064, untied head, q/k/v biases.
@@ -195,18 +195,18 @@ def plan_row(row: Row, mfu: float = 0.4, measure_steps: int = 0) -> dict:
     out["batch_bytes_per_device"] = _bytes_on_first_device(batch)
     out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
     out["peak_gib"] = out["peak_bytes"] / GIB
-    out["fits_80gb_with_20pct_headroom"] = out["peak_gib"] <= 0.8 * DEVICE_MEMORY_GIB * 1e9 / GIB
+    out["fits_80gb_with_20pct_headroom"] = out["peak_bytes"] <= 0.8 * DEVICE_MEMORY_GB * 1e9
     for chip, peak in PEAK_FLOPS.items():
         out[f"step_s_at_peak[{chip}]"] = flops_per_device / peak
         out[f"step_s_at_{round(mfu * 100)}pct_mfu[{chip}]"] = flops_per_device / (peak * mfu)
     if measure_steps:
-        out.update(_measure(compiled, model_cfg, optimizer, shardings, host, mesh, row, measure_steps, flops_per_device))
+        out.update(_measure(compiled, model_cfg, optimizer, params, host, mesh, row, measure_steps, flops_per_device))
     return out
 
 
-def _measure(compiled, model_cfg, optimizer, shardings, host, mesh, row, steps, flops_per_device) -> dict:
-    p_shard = param_shardings(jax.eval_shape(lambda: M.init_params(model_cfg, jax.random.key(0))),
-                              M.logical_axes(model_cfg), mesh)
+def _measure(compiled, model_cfg, optimizer, abstract_params, host, mesh, row, steps, flops_per_device) -> dict:
+    """Runs `compiled` on a random state and batch laid out as the plan's abstract ones."""
+    p_shard = jax.tree.map(lambda p: p.sharding, abstract_params)
     params = jax.jit(lambda k: M.init_params(model_cfg, k), out_shardings=p_shard)(jax.random.key(0))
     state = init_state_sharded(params, optimizer)
     stacked = {k: np.stack([v] * row.micro_batches) for k, v in host.items()}
