@@ -6,6 +6,9 @@ forward+backward pass (grad of sum(o * w) wrt q, k, v) of
   dense       `attention.dense_attention` (materialises the S x S scores),
   blockwise   `blockwise.blockwise_attention` skipping fully masked blocks,
   noskip      the same with `skip_masked_blocks=False` (every block computed),
+  pallas      `pallas_attention.pallas_attention` (Pallas kernels; by default
+              only on GPU, where they are Triton: on CPU they would run in
+              interpret mode, far too slow to time; --pallas on forces it),
 
 and reports XLA's temporary buffer size of each compiled function
 (`compiled.memory_analysis().temp_size_in_bytes`), also for a second-order
@@ -14,6 +17,7 @@ gradient (grad wrt q, k, v of |grad_q loss|^2; timed with
 
     python bench/attention.py                      # 1K, 2K, 4K on CPU
     python bench/attention.py --seqs 512 1024 --block-q 128 --block-k 256
+    python bench/attention.py --seqs 4096 8192 --dtype bfloat16 --no-dense   # GPU: adds pallas
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from focusft_jax.attention import AttnMeta, dense_attention  # noqa: E402
 from focusft_jax.blockwise import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, blockwise_attention  # noqa: E402
+from focusft_jax import pallas_attention as pallas  # noqa: E402
 
 
 def _time(fn, args, reps):
@@ -84,9 +89,14 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--time-second-order", action="store_true", help="also time grad-of-grad (else memory only)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense reference (long sequences)")
+    ap.add_argument("--pallas", default="auto", choices=["auto", "on", "off"],
+                    help="time the Pallas kernels: auto (default) = on GPU only (on CPU they only interpret)")
+    ap.add_argument("--pallas-block-q", type=int, default=pallas.DEFAULT_BLOCK_Q)
+    ap.add_argument("--pallas-block-k", type=int, default=pallas.DEFAULT_BLOCK_K)
     a = ap.parse_args()
 
     dtype = jnp.dtype(a.dtype)
+    with_pallas = a.pallas == "on" or (a.pallas == "auto" and jax.default_backend() == "gpu")
     results = []
     for s in a.seqs:
         kq, kk, kv, kw = jax.random.split(jax.random.PRNGKey(s), 4)
@@ -110,12 +120,25 @@ def main():
                 block_k=a.block_k,
                 skip_masked_blocks=skip,
             )
+        if with_pallas:
+            impls["pallas"] = partial(
+                pallas.pallas_attention,
+                kv_start=start,
+                kv_end=end,
+                scale=scale,
+                block_q=a.pallas_block_q,
+                block_k=a.pallas_block_k,
+            )
         row = {"seq": s}
         for name, attn in impls.items():
             row[name] = _measure(attn, (q, k, v), w, a.reps, a.time_second_order)
         if "dense" in row:
             row["blockwise_vs_dense_fwd_bwd_speedup"] = round(
                 row["dense"]["fwd_bwd_ms"] / row["blockwise"]["fwd_bwd_ms"], 2
+            )
+        if "pallas" in row:
+            row["pallas_vs_blockwise_fwd_bwd_speedup"] = round(
+                row["blockwise"]["fwd_bwd_ms"] / row["pallas"]["fwd_bwd_ms"], 2
             )
         row["skip_vs_noskip_fwd_bwd_speedup"] = round(row["noskip"]["fwd_bwd_ms"] / row["blockwise"]["fwd_bwd_ms"], 2)
         results.append(row)
@@ -134,6 +157,8 @@ def main():
                 "dtype": a.dtype,
                 "block_q": a.block_q,
                 "block_k": a.block_k,
+                "pallas_block_q": a.pallas_block_q if with_pallas else None,
+                "pallas_block_k": a.pallas_block_k if with_pallas else None,
                 "results": results,
             },
             indent=1,

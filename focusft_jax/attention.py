@@ -126,7 +126,30 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: AttnMeta
     return flash(q, k, v, meta.kv_start, meta.kv_end, scale)
 
 
-ATTENTION_IMPLS = {"dense": dense_attention, "blockwise": blockwise_attention}
+def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: AttnMeta, scale: float) -> jax.Array:
+    """Flash attention as Pallas kernels (Triton on GPU, interpret mode on
+    CPU, refused on TPU); same contract as `dense_attention`. See
+    `focusft_jax.pallas_attention`."""
+    from focusft_jax.pallas_attention import pallas_attention as flash
+
+    return flash(q, k, v, meta.kv_start, meta.kv_end, scale)
+
+
+def auto_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: AttnMeta, scale: float) -> jax.Array:
+    """`pallas_attention` when JAX's default backend is a GPU, else
+    `blockwise_attention` (CPU, where Pallas would only interpret, and TPU,
+    where the kernels do not lower). Both compute the same function; the
+    choice is made when the function is traced."""
+    impl = pallas_attention if jax.default_backend() == "gpu" else blockwise_attention
+    return impl(q, k, v, meta, scale)
+
+
+ATTENTION_IMPLS = {
+    "dense": dense_attention,
+    "blockwise": blockwise_attention,
+    "pallas": pallas_attention,
+    "auto": auto_attention,
+}
 
 
 def attend(q, k, v, meta: AttnMeta, scale: float, impl: str = "dense") -> jax.Array:

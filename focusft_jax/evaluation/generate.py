@@ -2,7 +2,7 @@
 
     python -m eval.generate --checkpoint DIR --prompt TEXT [--prompt TEXT ...]
         [--max-new-tokens N] [--chat] [--temperature T --top-p P --top-k K --seed S]
-        [--prefill-attention causal|glm_bidir] [--attention-impl auto|dense|blockwise]
+        [--prefill-attention causal|glm_bidir] [--attention-impl auto|dense|blockwise|pallas]
         [--dtype float32|bfloat16]
 
 All prompts run as one left-padded batch (`focusft_jax.generate`). stdout gets

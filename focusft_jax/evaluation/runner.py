@@ -24,8 +24,9 @@ from focusft_jax.evaluation.model_dir import load_model, special_ids
 
 GenerateFn = Callable[[list[str]], list[str]]
 
-# The library's own choices; "auto" picks an implementation by prompt length.
-ATTENTION_IMPLS = ("auto", *LIBRARY_ATTENTION_IMPLS)
+# The library's own choices; "auto" here picks an implementation by prompt
+# length (the library's own "auto", by backend, is not offered separately).
+ATTENTION_IMPLS = ("auto", *(name for name in LIBRARY_ATTENTION_IMPLS if name != "auto"))
 # --attention-impl auto: the prompt forward (prefill) uses blockwise
 # (memory-efficient) attention from this many padded prompt tokens on, dense
 # below. Dense attention builds float32 scores of [heads, P, P + new tokens]

@@ -1,0 +1,452 @@
+"""Flash attention as `jax.experimental.pallas` kernels (Triton on GPU).
+
+Same contract as `blockwise.blockwise_attention` (and `attention.dense_attention`):
+q [B, S, Hq, D], k and v [B, T, Hkv, D] with Hq a multiple of Hkv (GQA); key j
+is visible to query i iff `kv_start[b, i] <= j < kv_end[b, i]`; the result is
+[B, S, Hq, D] in q's dtype, with the softmax statistics and every accumulation
+in float32; a query with an empty range outputs zeros and gets zero gradients.
+
+Kernels (internal layouts are blockwise's head-major ones, all sequence axes
+padded to a multiple of the block):
+
+* forward, grid (B, Hq, query blocks): online softmax over the key blocks
+  [lo, hi) that intersect the union of the block's rows' ranges; blocks
+  outside it are never loaded (the loop bounds come from the metadata), only
+  the partially visible ones are masked. Writes o and the row log-sum-exp.
+* dq, grid (B, Hq, query blocks): the same key-block loop, recomputing the
+  probabilities from the saved LSE (FlashAttention-2).
+* dk/dv, grid (B, Hkv, key blocks): loops over the query heads of the KV
+  head's group and, for each, over the query blocks [qlo, qhi) whose key-block
+  range contains this key block, so the GQA sum over a group happens in the
+  kernel's float32 accumulators.
+
+The per-block ranges are computed per batch row (not a union over the batch as
+in blockwise, whose loops are shared by the batch) and passed to the kernels as
+small int32 [B, nq] / [B, nk] arrays read as scalars.
+
+Differentiation mirrors blockwise's layering: `_flash` (o, lse) is a
+`jax.custom_vjp` whose backward is `_flash_grad`, itself a `custom_vjp` whose
+primal runs the Pallas backward kernels. The kernels are not differentiable,
+so `_flash_grad`'s own backward (only used for second-order gradients, as the
+"full" meta-gradient takes them) is the reverse-mode derivative of blockwise's
+differentiable twin `_bwd_scan` of the same function on the same padded
+arrays. Second order is therefore exactly blockwise's; first order runs
+entirely in Pallas. Under `jax.vmap` the vmapped axis is folded into B
+(blockwise's `_batch_folding`) before the kernels run.
+
+Execution: on CPU (`jax.default_backend() == "cpu"`) the kernels run in Pallas'
+interpret mode (slow: meant for tests); on GPU they are compiled by Triton. On
+TPU they are refused: Mosaic does not lower them (their 1-D [bq] row blocks
+are not (8, 128)-aligned), and `attention.auto_attention` uses blockwise there.
+
+Block sizes are powers of two (Triton needs power-of-two tensor shapes) of at
+least 16 (the smallest Triton matmul), and the head dimension is zero-padded
+to such a size when it is not one (zero columns change no score and give
+zero output columns, which are sliced off).
+"""
+from __future__ import annotations
+
+from functools import cache, partial
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from focusft_jax import blockwise as _bw
+
+DEFAULT_BLOCK_Q = 64
+DEFAULT_BLOCK_K = 64
+MIN_BLOCK = 16
+# Triton launch parameters of the compiled kernels (ignored in interpret mode).
+NUM_WARPS = 4
+NUM_STAGES = 2
+
+_cdiv = _bw._cdiv
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _dot(a, b):
+    """a [m, k] @ b [k, n] with a float32 result (on GPU, float32 operands
+    use IEEE float32 products, not TF32: Triton's default for float32)."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_nt(a, b):
+    """a [m, k] @ b[n, k]^T, float32 result."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dot_tn(a, b):
+    """a[k, m]^T @ b [k, n], float32 result."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _mask(row_start, row_end, j, bk):
+    """bool [bq, bk]: key j * bk + c visible to row r of the block."""
+    kidx = j * bk + lax.broadcasted_iota(jnp.int32, (1, bk), 1)
+    return (kidx >= row_start[:, None]) & (kidx < row_end[:, None])
+
+
+# ---------------------------------------------------------------------------
+# Block ranges (plain JAX, O(B * S) plus O(B * nq * nk) booleans).
+# ---------------------------------------------------------------------------
+
+
+def _key_block_ranges(start, end, bq, bk, nk):
+    """Per batch row and query block, the key blocks [lo, hi) that intersect
+    the union of the block's rows' ranges; int32 [B, nq] each. Empty rows
+    (including the padding rows) are ignored; an all-empty block gets
+    lo == hi."""
+    b, sp = start.shape
+    nq = sp // bq
+    nonempty = start < end
+    lo = jnp.where(nonempty, start, nk * bk).reshape(b, nq, bq).min(axis=2)
+    hi = jnp.where(nonempty, end, 0).reshape(b, nq, bq).max(axis=2)
+    lo_blk = jnp.minimum(lo // bk, nk)
+    hi_blk = jnp.clip(_cdiv(hi, bk), lo_blk, nk)
+    return lo_blk.astype(jnp.int32), hi_blk.astype(jnp.int32)
+
+
+def _query_block_ranges(lo, hi, nk):
+    """Per batch row and key block j, the hull [qlo, qhi) of the query blocks
+    i with lo[i] <= j < hi[i]; int32 [B, nk] each (qlo == qhi when none).
+    A hull rather than a set: a query block inside it that does not see j is
+    computed with everything masked (correct, only not skipped); with the
+    masks `attention_meta` builds, the hull is exact."""
+    nq = lo.shape[1]
+    j = jnp.arange(nk, dtype=jnp.int32)
+    sees = (lo[:, :, None] <= j) & (j < hi[:, :, None])  # [B, nq, nk]
+    i = jnp.arange(nq, dtype=jnp.int32)[None, :, None]
+    qlo = jnp.min(jnp.where(sees, i, nq), axis=1)
+    qhi = jnp.max(jnp.where(sees, i + 1, 0), axis=1)
+    return qlo.astype(jnp.int32), jnp.maximum(qhi, qlo).astype(jnp.int32)
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, interpret):
+    params = {} if interpret else {"compiler_params": _triton_params()}
+    return pl.pallas_call(
+        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        interpret=interpret, **params
+    )
+
+
+def _triton_params():
+    from jax.experimental.pallas import triton as plgpu
+
+    return plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
+# ---------------------------------------------------------------------------
+# Kernels. A kernel sees one (batch, head, block) program; `None` block
+# dimensions are squeezed away, so refs below are 1-D / 2-D.
+# ---------------------------------------------------------------------------
+
+
+def _fwd_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, start_ref, end_ref, o_ref, lse_ref, *, scale, bk):
+    """q_ref, o_ref [bq, D]; k_ref, v_ref [Tp, D] (the whole key axis of the
+    KV head, sliced per key block); start/end/lse refs [bq]."""
+    b, i = pl.program_id(0), pl.program_id(2)
+    q = q_ref[...]
+    rs, re = start_ref[...], end_ref[...]
+    bq, d = q.shape
+
+    def body(j, carry):
+        m, l, acc = carry
+        kb = k_ref[pl.ds(j * bk, bk), :]
+        vb = v_ref[pl.ds(j * bk, bk), :]
+        s = jnp.where(_mask(rs, re, j, bk), _dot_nt(q, kb) * scale, -jnp.inf)
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        # A row with nothing visible yet keeps m = -inf: shift it by 0 so
+        # that exp(-inf - (-inf)) = NaN never happens.
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - m_safe[:, None])
+        alpha = jnp.exp(m - m_safe)
+        l = alpha * l + jnp.sum(p, axis=1)
+        acc = alpha[:, None] * acc + _dot(p.astype(vb.dtype), vb)
+        return m_new, l, acc
+
+    init = (
+        jnp.full((bq,), -jnp.inf, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+        jnp.zeros((bq, d), jnp.float32),
+    )
+    m, l, acc = lax.fori_loop(lo_ref[b, i], hi_ref[b, i], body, init)
+    nonempty = l > 0
+    l_safe = jnp.where(nonempty, l, 1.0)
+    o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
+    # Empty rows: output 0 and lse 0 (as blockwise; any finite value works,
+    # every entry of such a row is masked before the exp in the backward).
+    lse_ref[...] = jnp.where(nonempty, m + jnp.log(l_safe), 0.0)
+
+
+def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, start_ref, end_ref, dq_ref, *,
+               scale, bk):
+    """q_ref, do_ref, dq_ref [bq, D]; k_ref, v_ref [Tp, D]; start/end/lse/
+    delta refs [bq]. dS = P * (dP - delta), dQ = scale * dS K."""
+    b, i = pl.program_id(0), pl.program_id(2)
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    rs, re = start_ref[...], end_ref[...]
+
+    def body(j, dq):
+        kb = k_ref[pl.ds(j * bk, bk), :]
+        vb = v_ref[pl.ds(j * bk, bk), :]
+        # The mask is applied inside the exp (exp(-inf) = 0), so masked
+        # entries are exact zeros whatever the score.
+        p = jnp.exp(jnp.where(_mask(rs, re, j, bk), _dot_nt(q, kb) * scale - lse[:, None], -jnp.inf))
+        ds = p * (_dot_nt(do, vb) - delta[:, None])
+        return dq + _dot(ds.astype(kb.dtype), kb)
+
+    dq = lax.fori_loop(lo_ref[b, i], hi_ref[b, i], body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(qlo_ref, qhi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, start_ref, end_ref,
+                dk_ref, dv_ref, *, scale, bq, groups):
+    """q_ref, do_ref [G, Sp, D] and lse/delta refs [G, Sp] (the KV head's
+    query-head group, sliced per query block); start/end refs [Sp];
+    k_ref, v_ref, dk_ref, dv_ref [bk, D]. dV = sum P^T dO and
+    dK = scale * sum dS^T Q over the group's heads and visible query blocks."""
+    b, j = pl.program_id(0), pl.program_id(2)
+    kb, vb = k_ref[...], v_ref[...]
+    bk = kb.shape[0]
+    qlo, qhi = qlo_ref[b, j], qhi_ref[b, j]
+
+    def head(g, carry):
+        def body(i, carry):
+            dk, dv = carry
+            rows = pl.ds(i * bq, bq)
+            q = q_ref[g, rows, :]
+            do = do_ref[g, rows, :]
+            lse, delta = lse_ref[g, rows], delta_ref[g, rows]
+            rs, re = start_ref[rows], end_ref[rows]
+            p = jnp.exp(jnp.where(_mask(rs, re, j, bk), _dot_nt(q, kb) * scale - lse[:, None], -jnp.inf))
+            ds = p * (_dot_nt(do, vb) - delta[:, None])
+            dv = dv + _dot_tn(p.astype(do.dtype), do)
+            dk = dk + _dot_tn(ds.astype(q.dtype), q)
+            return dk, dv
+
+        return lax.fori_loop(qlo, qhi, body, carry)
+
+    zero = jnp.zeros(kb.shape, jnp.float32)
+    dk, dv = lax.fori_loop(0, groups, head, (zero, zero))
+    dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+# ---------------------------------------------------------------------------
+# pallas_call wrappers on the padded head-major arrays:
+#   q, o, do: [B, Hkv, G, Sp, D]; k, v: [B, Hkv, Tp, D];
+#   start, end: int32 [B, Sp] (padding rows empty); lse, delta: f32 [B, Hkv, G, Sp].
+# ---------------------------------------------------------------------------
+
+
+def _fwd_pallas(q, k, v, start, end, scale, bq, bk, interpret):
+    """(o in q.dtype, lse float32) of the padded arrays."""
+    b, hkv, g, sp, d = q.shape
+    tp = k.shape[2]
+    nq, nk = sp // bq, tp // bk
+    lo, hi = _key_block_ranges(start, end, bq, bk, nk)
+    whole = pl.BlockSpec((b, nq), lambda bi, h, i: (0, 0))
+    q_spec = pl.BlockSpec((None, None, None, bq, d), lambda bi, h, i: (bi, h // g, h % g, i, 0))
+    kv_spec = pl.BlockSpec((None, None, tp, d), lambda bi, h, i: (bi, h // g, 0, 0))
+    row_spec = pl.BlockSpec((None, bq), lambda bi, h, i: (bi, i))
+    lse_spec = pl.BlockSpec((None, None, None, bq), lambda bi, h, i: (bi, h // g, h % g, i))
+    return _call(
+        partial(_fwd_kernel, scale=scale, bk=bk),
+        grid=(b, hkv * g, nq),
+        in_specs=[whole, whole, q_spec, kv_spec, kv_spec, row_spec, row_spec],
+        out_specs=[q_spec, lse_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32)],
+        interpret=interpret,
+    )(lo, hi, q, k, v, start, end)
+
+
+def _bwd_pallas(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret):
+    """(dq, dk, dv) in the dtypes of q, k, v for output cotangents (do, dlse)."""
+    b, hkv, g, sp, d = q.shape
+    tp = k.shape[2]
+    nq, nk = sp // bq, tp // bk
+    lo, hi = _key_block_ranges(start, end, bq, bk, nk)
+    qlo, qhi = _query_block_ranges(lo, hi, nk)
+    delta = _bw._delta(o, do, dlse)
+
+    # dq: programs over (batch, query head, query block).
+    whole_q = pl.BlockSpec((b, nq), lambda bi, h, i: (0, 0))
+    q_spec = pl.BlockSpec((None, None, None, bq, d), lambda bi, h, i: (bi, h // g, h % g, i, 0))
+    kv_spec = pl.BlockSpec((None, None, tp, d), lambda bi, h, i: (bi, h // g, 0, 0))
+    stat_spec = pl.BlockSpec((None, None, None, bq), lambda bi, h, i: (bi, h // g, h % g, i))
+    row_spec = pl.BlockSpec((None, bq), lambda bi, h, i: (bi, i))
+    dq = _call(
+        partial(_dq_kernel, scale=scale, bk=bk),
+        grid=(b, hkv * g, nq),
+        in_specs=[whole_q, whole_q, q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec, row_spec, row_spec],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret=interpret,
+    )(lo, hi, q, k, v, do, lse, delta, start, end)
+
+    # dk, dv: programs over (batch, KV head, key block).
+    whole_k = pl.BlockSpec((b, nk), lambda bi, h, j: (0, 0))
+    group_spec = pl.BlockSpec((None, None, g, sp, d), lambda bi, h, j: (bi, h, 0, 0, 0))
+    group_stat = pl.BlockSpec((None, None, g, sp), lambda bi, h, j: (bi, h, 0, 0))
+    rows_all = pl.BlockSpec((None, sp), lambda bi, h, j: (bi, 0))
+    kblk = pl.BlockSpec((None, None, bk, d), lambda bi, h, j: (bi, h, j, 0))
+    dk, dv = _call(
+        partial(_dkv_kernel, scale=scale, bq=bq, groups=g),
+        grid=(b, hkv, nk),
+        in_specs=[whole_k, whole_k, group_spec, kblk, kblk, group_spec, group_stat, group_stat, rows_all, rows_all],
+        out_specs=[kblk, kblk],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        interpret=interpret,
+    )(qlo, qhi, q, k, v, do, lse, delta, start, end)
+    return dq, dk, dv
+
+
+@cache
+def _fwd_op(scale, bq, bk, interpret):
+    return _bw._batch_folding(lambda q, k, v, start, end: _fwd_pallas(q, k, v, start, end, scale, bq, bk, interpret))
+
+
+@cache
+def _bwd_op(scale, bq, bk, interpret):
+    return _bw._batch_folding(
+        lambda q, k, v, o, lse, do, dlse, start, end: _bwd_pallas(
+            q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret
+        )
+    )
+
+
+# ---------------------------------------------------------------------------
+# custom_vjp wiring (as in blockwise; see the module docstring).
+# ---------------------------------------------------------------------------
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
+def _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret):
+    """(dq, dk, dv) of `_flash` for output cotangents (do, dlse): Pallas."""
+    return _bwd_op(scale, bq, bk, interpret)(q, k, v, o, lse, do, dlse, start, end)
+
+
+def _flash_grad_fwd(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret):
+    out = _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret)
+    return out, (q, k, v, o, lse, do, dlse, start, end)
+
+
+def _flash_grad_bwd(scale, bq, bk, interpret, res, cts):
+    # The kernels have no derivative: differentiate blockwise's twin of the
+    # same function (same padded layout and blocks; it computes its own
+    # block ranges), so second order is exact and never silently wrong.
+    q, k, v, o, lse, do, dlse, start, end = res
+
+    def f(q, k, v, o, lse, do, dlse):
+        return _bw._bwd_scan(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, True)
+
+    _, vjp = jax.vjp(f, q, k, v, o, lse, do, dlse)
+    return (*vjp(cts), None, None)
+
+
+_flash_grad.defvjp(_flash_grad_fwd, _flash_grad_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _flash(q, k, v, start, end, scale, bq, bk, interpret):
+    """(o, lse) of the padded arrays; see `_fwd_kernel`."""
+    return _fwd_op(scale, bq, bk, interpret)(q, k, v, start, end)
+
+
+def _flash_fwd(q, k, v, start, end, scale, bq, bk, interpret):
+    # o and lse are residuals of the inner derivative; an enclosing
+    # derivative must see them come out of `_flash` (as in blockwise).
+    o, lse = _flash(q, k, v, start, end, scale, bq, bk, interpret)
+    return (o, lse), (q, k, v, o, lse, start, end)
+
+
+def _flash_bwd(scale, bq, bk, interpret, res, cts):
+    q, k, v, o, lse, start, end = res
+    do, dlse = cts
+    dq, dk, dv = _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret)
+    return dq, dk, dv, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def _block(requested: int, length: int, name: str) -> int:
+    if not _is_pow2(requested) or requested < MIN_BLOCK:
+        raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {requested}")
+    # A short axis gets one block of the next power of two (>= MIN_BLOCK).
+    return min(requested, max(MIN_BLOCK, _next_pow2(length)))
+
+
+def pallas_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    kv_start: jax.Array,
+    kv_end: jax.Array,
+    scale: float,
+    *,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Flash attention with per-query key ranges, as Pallas kernels.
+
+    q: [B, S, Hq, D]; k, v: [B, T, Hkv, D] with Hq a multiple of Hkv (GQA).
+    kv_start, kv_end: int [B, S]; key j is visible to query i iff
+        kv_start[b, i] <= j < kv_end[b, i] (values are clipped to [0, T]).
+    scale: Python float multiplying q.k.
+    block_q, block_k: block sizes, powers of two >= 16 (shrunk to the next
+        power of two of S / T when those are shorter); S and T need not be
+        multiples, the tails are padded and masked inside.
+    interpret: run the kernels in Pallas' interpret mode; None (default) =
+        on CPU only. Compiled kernels are Triton (GPU); the kernels are not
+        written for Mosaic (TPU), see the module docstring.
+
+    Returns [B, S, Hq, D] in q's dtype: softmax(q k^T * scale) v with float32
+    softmax statistics and accumulations; an empty range gives zeros and zero
+    gradients. Key blocks outside a query block's rows' ranges are skipped.
+    Differentiable to second order in reverse mode (the second derivative is
+    blockwise's, see the module docstring); works under `jax.jit` and
+    `jax.vmap`. Forward mode (`jax.jvp`) is not supported (`custom_vjp`).
+    """
+    b, s, hq, d = q.shape
+    bk_, t, hkv, dk_ = k.shape
+    if v.shape != k.shape or bk_ != b or dk_ != d:
+        raise ValueError(f"incompatible shapes q {q.shape}, k {k.shape}, v {v.shape}")
+    if hq % hkv:
+        raise ValueError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
+    if kv_start.shape != (b, s) or kv_end.shape != (b, s):
+        raise ValueError(f"kv_start/kv_end must be [B, S] = {(b, s)}, got {kv_start.shape}, {kv_end.shape}")
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    if not interpret and jax.default_backend() == "tpu":
+        # Measured with jax.export(platforms=["tpu"]): Mosaic refuses these
+        # kernels' [bq] row blocks (it wants (8, 128)-aligned trailing block
+        # dimensions); a TPU version needs its own layouts.
+        raise NotImplementedError(
+            "the Pallas attention kernels compile for GPU (Triton) only; on TPU use "
+            "attention_impl 'blockwise' (or 'auto'), or interpret=True"
+        )
+    bq, bk = _block(block_q, s, "block_q"), _block(block_k, t, "block_k")
+    sp, tp = _cdiv(s, bq) * bq, _cdiv(t, bk) * bk
+    dp = max(MIN_BLOCK, _next_pow2(d))
+    qg = jnp.transpose(q.reshape(b, s, hkv, hq // hkv, d), (0, 2, 3, 1, 4))
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, 0), (0, sp - s), (0, dp - d)))
+    kp = jnp.pad(jnp.transpose(k, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, tp - t), (0, dp - d)))
+    vp = jnp.pad(jnp.transpose(v, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, tp - t), (0, dp - d)))
+    # Clipping to [0, T] keeps the padded keys invisible; padded query rows
+    # get the empty range [0, 0).
+    start = jnp.pad(jnp.clip(kv_start.astype(jnp.int32), 0, t), ((0, 0), (0, sp - s)))
+    end = jnp.pad(jnp.clip(kv_end.astype(jnp.int32), 0, t), ((0, 0), (0, sp - s)))
+    o, _ = _flash(qg, kp, vp, start, end, float(scale), bq, bk, bool(interpret))
+    return jnp.transpose(o[:, :, :, :s, :d], (0, 3, 1, 2, 4)).reshape(b, s, hq, d)
