@@ -6,7 +6,8 @@
 #              counterpart (random Qwen2.5-0.5B, 4K tokens, SFT and FocuSFT,
 #              remat full/none): GPU-compiled memory plan, measured step time,
 #              MFU and peak memory;
-#   scale-attn the same steps with dense attention (where the time goes);
+#   scale-attn the same steps with dense and with pallas attention (where the
+#              time goes);
 #   attention  bench/attention_kernels.py: pallas / blockwise / dense / cuDNN
 #              forward+backward at 4K, 16K, 32K, and pallas against dense;
 #   tiny       the README's tiny default, trained for 20 steps on the GPU.

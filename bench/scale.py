@@ -265,7 +265,7 @@ def gpu_grid() -> list[Row]:
             Row("0.5b focusft 4k remat=none", QWEN25_05B, F, 4096, 1, remat="none")]
     # where the time goes: the same steps with another attention implementation
     rows += [Row(f"0.5b {k} 4k {impl} attention", QWEN25_05B, c, 4096, 1, attention_impl=impl)
-             for impl in ("dense",) for k, c in (("sft", S), ("focusft", F))]
+             for impl in ("dense", "pallas") for k, c in (("sft", S), ("focusft", F))]
     return rows
 
 
