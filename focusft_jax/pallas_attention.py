@@ -1,4 +1,4 @@
-"""Flash attention as `jax.experimental.pallas` kernels (Triton on GPU).
+"""Flash attention as `jax.experimental.pallas` kernels (Triton on GPU, Mosaic on TPU).
 
 Same contract as `blockwise.blockwise_attention` (and `attention.dense_attention`):
 q [B, S, Hq, D], k and v [B, T, Hkv, D] with Hq a multiple of Hkv (GQA); key j
@@ -6,23 +6,41 @@ is visible to query i iff `kv_start[b, i] <= j < kv_end[b, i]`; the result is
 [B, S, Hq, D] in q's dtype, with the softmax statistics and every accumulation
 in float32; a query with an empty range outputs zeros and gets zero gradients.
 
-Kernels (internal layouts are blockwise's head-major ones, all sequence axes
-padded to a multiple of the block):
+Two kernel families compute the same three kernels (internal layouts are
+blockwise's head-major ones, all sequence axes padded to a multiple of the
+block):
 
-* forward, grid (B, Hq, query blocks): online softmax over the key blocks
-  [lo, hi) that intersect the union of the block's rows' ranges; blocks
-  outside it are never loaded (the loop bounds come from the metadata), only
-  the partially visible ones are masked. Writes o and the row log-sum-exp.
-* dq, grid (B, Hq, query blocks): the same key-block loop, recomputing the
-  probabilities from the saved LSE (FlashAttention-2).
-* dk/dv, grid (B, Hkv, key blocks): loops over the query heads of the KV
-  head's group and, for each, over the query blocks [qlo, qhi) whose key-block
-  range contains this key block, so the GQA sum over a group happens in the
-  kernel's float32 accumulators.
+* forward: online softmax over the key blocks [lo, hi) that intersect the
+  union of the query block's rows' ranges; blocks outside it are never
+  loaded nor computed, only the partially visible ones are masked. Writes o
+  and the row log-sum-exp.
+* dq: the same key-block range, recomputing the probabilities from the
+  saved LSE (FlashAttention-2).
+* dk/dv: for each key block, over the query heads of its KV head's group
+  and, for each, over the query blocks [qlo, qhi) whose key-block range
+  contains it, so the GQA sum over a group happens in the kernel's float32
+  accumulators.
+
+"triton" (GPU): grids (B, Hq, query blocks) and (B, Hkv, key blocks); each
+program keeps the whole key (query) axis of its head in its refs and loops
+over the visible blocks with `fori_loop` bounds read from the ranges.
+
+"mosaic" (TPU): Mosaic needs the last two dimensions of every block to be
+multiples of (8, 128) (or the whole array's), and VMEM cannot hold a whole
+long key axis, so the block being visited is a grid axis instead: grids
+(B, Hq, query blocks, key steps) and (B, Hkv, key blocks, G * query steps),
+the last axis sequential ("arbitrary") and accumulating into VMEM scratch.
+The ranges are scalar-prefetched (SMEM); step n of a range [lo, hi) maps to
+block lo + n, and the steps past hi - lo map to block hi - 1 again, so the
+pipeline issues no copy for them, and `pl.when` skips their compute (a
+skipped block costs one grid step's overhead). Blocks are multiples of 128
+and D is zero-padded to one; per-row values (kv_start, kv_end, lse, delta)
+travel lane-broadcast as [..., Sp, 128] arrays read as (bq, 128) tiles.
 
 The per-block ranges are computed per batch row (not a union over the batch as
 in blockwise, whose loops are shared by the batch) and passed to the kernels as
-small int32 [B, nq] / [B, nk] arrays read as scalars.
+small int32 [B, nq] / [B, nk] arrays read as scalars (flattened to 1-D for
+Mosaic's scalar prefetch: SMEM pads 2-D arrays).
 
 Differentiation mirrors blockwise's layering: `_flash` (o, lse) is a
 `jax.custom_vjp` whose backward is `_flash_grad`, itself a `custom_vjp` whose
@@ -34,15 +52,23 @@ arrays. Second order is therefore exactly blockwise's; first order runs
 entirely in Pallas. Under `jax.vmap` the vmapped axis is folded into B
 (blockwise's `_batch_folding`) before the kernels run.
 
-Execution: on CPU (`jax.default_backend() == "cpu"`) the kernels run in Pallas'
-interpret mode (slow: meant for tests); on GPU they are compiled by Triton. On
-TPU they are refused: Mosaic does not lower them (their 1-D [bq] row blocks
-are not (8, 128)-aligned), and `attention.auto_attention` uses blockwise there.
+Execution: the family is `pallas_attention(kernels=...)`, by default "mosaic"
+on a TPU backend and "triton" elsewhere. On CPU (`jax.default_backend() ==
+"cpu"`) the kernels run in Pallas' interpret mode (slow: meant for tests;
+either family, the mosaic one also in Pallas' TPU interpreter via
+`interpret=pltpu.InterpretParams()`); on GPU the triton family is compiled by
+Triton, on TPU the mosaic family by Mosaic. From a CPU host both lower with
+`jax.export` (platforms "cuda" / "tpu"; tests do it). The mosaic family has
+not yet been compiled or run on a TPU from this repository: export checks
+the Pallas-to-Mosaic lowering and its block rules, not Mosaic's own compiler
+(layouts, VMEM limits), which runs on the TPU host.
 
-Block sizes are powers of two (Triton needs power-of-two tensor shapes) of at
-least 16 (the smallest Triton matmul), and the head dimension is zero-padded
-to such a size when it is not one (zero columns change no score and give
-zero output columns, which are sliced off).
+Block sizes: triton, powers of two (Triton needs power-of-two tensor shapes)
+of at least 16 (the smallest Triton matmul), and the head dimension is
+zero-padded to such a size; mosaic, multiples of 128 (default 512, the size
+JAX's splash attention defaults to; not measured here), with the head
+dimension zero-padded to a multiple of 128. Zero columns change no score and
+give zero output columns, which are sliced off.
 """
 from __future__ import annotations
 
@@ -458,10 +484,11 @@ def _tpu_dkv_kernel(qlo_ref, qhi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
         q, do, kb = q_ref[...], do_ref[...], k_ref[...]
         p = _tpu_probs(q, kb, lse_ref[...], start_ref[...], end_ref[...], j, scale)
         ds = p * (_dot_nt(do, v_ref[...]) - _lanes(delta_ref[...], kb.shape[0]))
-        # Explicit transposes of the [bq, bk] blocks, then plain matmuls:
-        # the form Mosaic lowers for every dtype.
-        dv_acc[...] += _dot(p.astype(do.dtype).T, do)
-        dk_acc[...] += _dot(ds.astype(q.dtype).T, q)
+        # Explicit float32 transposes of the [bq, bk] blocks, cast after, then
+        # plain matmuls (the form JAX's own TPU flash attention uses: no
+        # transposed-operand matmul, no packed bf16 transpose).
+        dv_acc[...] += _dot(p.T.astype(do.dtype), do)
+        dk_acc[...] += _dot(ds.T.astype(q.dtype), q)
 
     @pl.when(t == groups * nq - 1)
     def _finish():

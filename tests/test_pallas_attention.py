@@ -200,11 +200,18 @@ def test_block_ranges_skip_what_no_row_sees():
 
 
 def test_block_sizes_must_be_powers_of_two():
+    """Triton blocks: powers of two >= 16; Mosaic blocks: multiples of 128;
+    the family name is checked."""
     q = jnp.zeros((1, 8, 1, 16))
     st = jnp.zeros((1, 8), jnp.int32)
     for bad in (24, 8):
         with pytest.raises(ValueError, match="power of two"):
             pallas_attention(q, q, q, st, st + 1, 1.0, block_q=bad)
+    for bad in (64, 192 + 8):
+        with pytest.raises(ValueError, match="multiple of 128"):
+            pallas_attention(q, q, q, st, st + 1, 1.0, block_k=bad, kernels="mosaic")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        pallas_attention(q, q, q, st, st + 1, 1.0, kernels="cuda")
 
 
 def test_lowers_to_triton_for_cuda():
@@ -233,15 +240,15 @@ def test_lowers_to_triton_for_cuda():
     assert exported.mlir_module().count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 3
 
 
-def test_auto_is_pallas_on_gpu_only():
-    """attention_impl "auto" traces to the Pallas kernels on a GPU backend
-    and to blockwise (no pallas_call) elsewhere, here on CPU in CI."""
+def test_auto_is_pallas_on_gpu_and_tpu():
+    """attention_impl "auto" traces to the Pallas kernels on a GPU or TPU
+    backend and to blockwise (no pallas_call) elsewhere, here on CPU in CI."""
     q = jnp.zeros((1, 8, 2, 16))
     meta = attention_meta(jnp.ones((1, 8), jnp.int32), kind="causal")
     auto = str(jax.make_jaxpr(lambda q: A.attend(q, q, q, meta, 1.0, "auto"))(q))
     pallas = str(jax.make_jaxpr(lambda q: A.attend(q, q, q, meta, 1.0, "pallas"))(q))
     assert "pallas_call" in pallas
-    assert ("pallas_call" in auto) == (jax.default_backend() == "gpu")
+    assert ("pallas_call" in auto) == (jax.default_backend() in ("gpu", "tpu"))
     assert set(A.ATTENTION_IMPLS) == {"dense", "blockwise", "pallas", "auto"}
 
 
