@@ -517,20 +517,33 @@ def _lane_rows(x):
     return jnp.broadcast_to(x[..., None], x.shape + (LANES,))
 
 
+def _query_major_specs(g, nq, nk, bq, bk, d):
+    """BlockSpecs of the forward and dq grids (batch, query head h, query
+    block i, key step st; lo, hi are the prefetched ranges): a query-head
+    block [bq, D], the visited KV block [bk, D], a lane-broadcast per-head
+    row block [bq, LANES] (lse, delta) and a per-batch-row one (start, end)."""
+
+    def head_rows(bi, h, i, st, lo, hi):
+        return (bi, _div(h, g), _rem(h, g), i, 0)
+
+    def kv(bi, h, i, st, lo, hi):
+        return (bi, _div(h, g), _visited(lo, hi, bi * nq + i, st, nk)[0], 0)
+
+    return (
+        pl.BlockSpec((None, None, None, bq, d), head_rows),
+        pl.BlockSpec((None, None, bk, d), kv),
+        pl.BlockSpec((None, None, None, bq, LANES), head_rows),
+        pl.BlockSpec((None, bq, LANES), lambda bi, h, i, st, lo, hi: (bi, i, 0)),
+    )
+
+
 def _fwd_mosaic(q, k, v, start, end, scale, bq, bk, interpret):
     """(o in q.dtype, lse float32 [B, Hkv, G, Sp]) of the padded arrays."""
     b, hkv, g, sp, d = q.shape
     tp = k.shape[2]
     nq, nk = sp // bq, tp // bk
     lo, hi = _key_block_ranges(start, end, bq, bk, nk)
-
-    def kv_map(bi, h, i, st, lo, hi):
-        return (bi, _div(h, g), _visited(lo, hi, bi * nq + i, st, nk)[0], 0)
-
-    q_spec = pl.BlockSpec((None, None, None, bq, d), lambda bi, h, i, st, lo, hi: (bi, _div(h, g), _rem(h, g), i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, d), kv_map)
-    row_spec = pl.BlockSpec((None, bq, LANES), lambda bi, h, i, st, lo, hi: (bi, i, 0))
-    lse_spec = pl.BlockSpec((None, None, None, bq, LANES), lambda bi, h, i, st, lo, hi: (bi, _div(h, g), _rem(h, g), i, 0))
+    q_spec, kv_spec, lse_spec, row_spec = _query_major_specs(g, nq, nk, bq, bk, d)
     o, lse = _mosaic_call(
         partial(_tpu_fwd_kernel, scale=scale, nq=nq, nk=nk),
         grid=(b, hkv * g, nq, nk),
@@ -554,13 +567,7 @@ def _bwd_mosaic(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret)
     start_l, end_l = _lane_rows(start), _lane_rows(end)
 
     # dq: grid (batch, query head, query block, key step).
-    def kv_map(bi, h, i, st, lo, hi):
-        return (bi, _div(h, g), _visited(lo, hi, bi * nq + i, st, nk)[0], 0)
-
-    q_spec = pl.BlockSpec((None, None, None, bq, d), lambda bi, h, i, st, lo, hi: (bi, _div(h, g), _rem(h, g), i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, d), kv_map)
-    stat_spec = pl.BlockSpec((None, None, None, bq, LANES), lambda bi, h, i, st, lo, hi: (bi, _div(h, g), _rem(h, g), i, 0))
-    row_spec = pl.BlockSpec((None, bq, LANES), lambda bi, h, i, st, lo, hi: (bi, i, 0))
+    q_spec, kv_spec, stat_spec, row_spec = _query_major_specs(g, nq, nk, bq, bk, d)
     dq = _mosaic_call(
         partial(_tpu_dq_kernel, scale=scale, nq=nq, nk=nk),
         grid=(b, hkv * g, nq, nk),
