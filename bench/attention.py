@@ -7,8 +7,9 @@ forward+backward pass (grad of sum(o * w) wrt q, k, v) of
   blockwise   `blockwise.blockwise_attention` skipping fully masked blocks,
   noskip      the same with `skip_masked_blocks=False` (every block computed),
   pallas      `pallas_attention.pallas_attention` (Pallas kernels; by default
-              only on GPU, where they are Triton: on CPU they would run in
-              interpret mode, far too slow to time; --pallas on forces it),
+              only on GPU and TPU, where they are Triton / Mosaic: on CPU they
+              would run in interpret mode, far too slow to time; --pallas on
+              forces it),
 
 and reports XLA's temporary buffer size of each compiled function
 (`compiled.memory_analysis().temp_size_in_bytes`), also for a second-order
@@ -90,13 +91,14 @@ def main():
     ap.add_argument("--time-second-order", action="store_true", help="also time grad-of-grad (else memory only)")
     ap.add_argument("--no-dense", action="store_true", help="skip the dense reference (long sequences)")
     ap.add_argument("--pallas", default="auto", choices=["auto", "on", "off"],
-                    help="time the Pallas kernels: auto (default) = on GPU only (on CPU they only interpret)")
-    ap.add_argument("--pallas-block-q", type=int, default=pallas.DEFAULT_BLOCK_Q)
-    ap.add_argument("--pallas-block-k", type=int, default=pallas.DEFAULT_BLOCK_K)
+                    help="time the Pallas kernels: auto (default) = on GPU and TPU (on CPU they only interpret)")
+    # None: the kernel family's defaults (Triton and Mosaic blocks differ).
+    ap.add_argument("--pallas-block-q", type=int, default=None)
+    ap.add_argument("--pallas-block-k", type=int, default=None)
     a = ap.parse_args()
 
     dtype = jnp.dtype(a.dtype)
-    with_pallas = a.pallas == "on" or (a.pallas == "auto" and jax.default_backend() == "gpu")
+    with_pallas = a.pallas == "on" or (a.pallas == "auto" and jax.default_backend() in ("gpu", "tpu"))
     results = []
     for s in a.seqs:
         kq, kk, kv, kw = jax.random.split(jax.random.PRNGKey(s), 4)

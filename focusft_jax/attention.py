@@ -127,8 +127,8 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: AttnMeta
 
 
 def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: AttnMeta, scale: float) -> jax.Array:
-    """Flash attention as Pallas kernels (Triton on GPU, interpret mode on
-    CPU, refused on TPU); same contract as `dense_attention`. See
+    """Flash attention as Pallas kernels (Triton on GPU, Mosaic on TPU,
+    interpret mode on CPU); same contract as `dense_attention`. See
     `focusft_jax.pallas_attention`."""
     from focusft_jax.pallas_attention import pallas_attention as flash
 
@@ -136,11 +136,11 @@ def pallas_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: AttnMeta, s
 
 
 def auto_attention(q: jax.Array, k: jax.Array, v: jax.Array, meta: AttnMeta, scale: float) -> jax.Array:
-    """`pallas_attention` when JAX's default backend is a GPU, else
-    `blockwise_attention` (CPU, where Pallas would only interpret, and TPU,
-    where the kernels do not lower). Both compute the same function; the
+    """`pallas_attention` when JAX's default backend is a GPU (Triton
+    kernels) or a TPU (Mosaic kernels), else `blockwise_attention` (CPU,
+    where Pallas would only interpret). Both compute the same function; the
     choice is made when the function is traced."""
-    impl = pallas_attention if jax.default_backend() == "gpu" else blockwise_attention
+    impl = pallas_attention if jax.default_backend() in ("gpu", "tpu") else blockwise_attention
     return impl(q, k, v, meta, scale)
 
 

@@ -51,7 +51,8 @@ class ModelSection:
         "float32", "dtype of the matmuls (norms, RoPE, softmax and logits stay float32)")
     attention_impl: Literal[tuple(ATTENTION_IMPLS)] = key(
         "blockwise", "`blockwise` (memory linear in length, plain JAX), `pallas` (the same as Pallas kernels: "
-        "Triton on GPU, interpret mode on CPU, not on TPU), `auto` (`pallas` on GPU, else `blockwise`) or `dense`")
+        "Triton on GPU, Mosaic on TPU, interpret mode on CPU), `auto` (`pallas` on GPU and TPU, else `blockwise`) "
+        "or `dense`")
     remat: Literal[REMAT_POLICIES] = key(
         "none", "activation checkpointing per layer: `none`, `full` (save only the layer input), "
         "`dots` (save matmul outputs)")

@@ -1,4 +1,4 @@
-"""Flash attention as `jax.experimental.pallas` kernels (Triton on GPU).
+"""Flash attention as `jax.experimental.pallas` kernels (Triton on GPU, Mosaic on TPU).
 
 Same contract as `blockwise.blockwise_attention` (and `attention.dense_attention`):
 q [B, S, Hq, D], k and v [B, T, Hkv, D] with Hq a multiple of Hkv (GQA); key j
@@ -6,23 +6,41 @@ is visible to query i iff `kv_start[b, i] <= j < kv_end[b, i]`; the result is
 [B, S, Hq, D] in q's dtype, with the softmax statistics and every accumulation
 in float32; a query with an empty range outputs zeros and gets zero gradients.
 
-Kernels (internal layouts are blockwise's head-major ones, all sequence axes
-padded to a multiple of the block):
+Two kernel families compute the same three kernels (internal layouts are
+blockwise's head-major ones, all sequence axes padded to a multiple of the
+block):
 
-* forward, grid (B, Hq, query blocks): online softmax over the key blocks
-  [lo, hi) that intersect the union of the block's rows' ranges; blocks
-  outside it are never loaded (the loop bounds come from the metadata), only
-  the partially visible ones are masked. Writes o and the row log-sum-exp.
-* dq, grid (B, Hq, query blocks): the same key-block loop, recomputing the
-  probabilities from the saved LSE (FlashAttention-2).
-* dk/dv, grid (B, Hkv, key blocks): loops over the query heads of the KV
-  head's group and, for each, over the query blocks [qlo, qhi) whose key-block
-  range contains this key block, so the GQA sum over a group happens in the
-  kernel's float32 accumulators.
+* forward: online softmax over the key blocks [lo, hi) that intersect the
+  union of the query block's rows' ranges; blocks outside it are never
+  loaded nor computed, only the partially visible ones are masked. Writes o
+  and the row log-sum-exp.
+* dq: the same key-block range, recomputing the probabilities from the
+  saved LSE (FlashAttention-2).
+* dk/dv: for each key block, over the query heads of its KV head's group
+  and, for each, over the query blocks [qlo, qhi) whose key-block range
+  contains it, so the GQA sum over a group happens in the kernel's float32
+  accumulators.
+
+"triton" (GPU): grids (B, Hq, query blocks) and (B, Hkv, key blocks); each
+program keeps the whole key (query) axis of its head in its refs and loops
+over the visible blocks with `fori_loop` bounds read from the ranges.
+
+"mosaic" (TPU): Mosaic needs the last two dimensions of every block to be
+multiples of (8, 128) (or the whole array's), and VMEM cannot hold a whole
+long key axis, so the block being visited is a grid axis instead: grids
+(B, Hq, query blocks, key steps) and (B, Hkv, key blocks, G * query steps),
+the last axis sequential ("arbitrary") and accumulating into VMEM scratch.
+The ranges are scalar-prefetched (SMEM); step n of a range [lo, hi) maps to
+block lo + n, and the steps past hi - lo map to block hi - 1 again, so the
+pipeline issues no copy for them, and `pl.when` skips their compute (a
+skipped block costs one grid step's overhead). Blocks are multiples of 128
+and D is zero-padded to one; per-row values (kv_start, kv_end, lse, delta)
+travel lane-broadcast as [..., Sp, 128] arrays read as (bq, 128) tiles.
 
 The per-block ranges are computed per batch row (not a union over the batch as
 in blockwise, whose loops are shared by the batch) and passed to the kernels as
-small int32 [B, nq] / [B, nk] arrays read as scalars.
+small int32 [B, nq] / [B, nk] arrays read as scalars (flattened to 1-D for
+Mosaic's scalar prefetch: SMEM pads 2-D arrays).
 
 Differentiation mirrors blockwise's layering: `_flash` (o, lse) is a
 `jax.custom_vjp` whose backward is `_flash_grad`, itself a `custom_vjp` whose
@@ -34,15 +52,23 @@ arrays. Second order is therefore exactly blockwise's; first order runs
 entirely in Pallas. Under `jax.vmap` the vmapped axis is folded into B
 (blockwise's `_batch_folding`) before the kernels run.
 
-Execution: on CPU (`jax.default_backend() == "cpu"`) the kernels run in Pallas'
-interpret mode (slow: meant for tests); on GPU they are compiled by Triton. On
-TPU they are refused: Mosaic does not lower them (their 1-D [bq] row blocks
-are not (8, 128)-aligned), and `attention.auto_attention` uses blockwise there.
+Execution: the family is `pallas_attention(kernels=...)`, by default "mosaic"
+on a TPU backend and "triton" elsewhere. On CPU (`jax.default_backend() ==
+"cpu"`) the kernels run in Pallas' interpret mode (slow: meant for tests;
+either family, the mosaic one also in Pallas' TPU interpreter via
+`interpret=pltpu.InterpretParams()`); on GPU the triton family is compiled by
+Triton, on TPU the mosaic family by Mosaic. From a CPU host both lower with
+`jax.export` (platforms "cuda" / "tpu"; tests do it). The mosaic family has
+not yet been compiled or run on a TPU from this repository: export checks
+the Pallas-to-Mosaic lowering and its block rules, not Mosaic's own compiler
+(layouts, VMEM limits), which runs on the TPU host.
 
-Block sizes are powers of two (Triton needs power-of-two tensor shapes) of at
-least 16 (the smallest Triton matmul), and the head dimension is zero-padded
-to such a size when it is not one (zero columns change no score and give
-zero output columns, which are sliced off).
+Block sizes: triton, powers of two (Triton needs power-of-two tensor shapes)
+of at least 16 (the smallest Triton matmul), and the head dimension is
+zero-padded to such a size; mosaic, multiples of 128 (default 512, the size
+JAX's splash attention defaults to; not measured here), with the head
+dimension zero-padded to a multiple of 128. Zero columns change no score and
+give zero output columns, which are sliced off.
 """
 from __future__ import annotations
 
@@ -130,7 +156,7 @@ def _query_block_ranges(lo, hi, nk):
     return qlo.astype(jnp.int32), jnp.maximum(qhi, qlo).astype(jnp.int32)
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, interpret):
+def _triton_call(kernel, grid, in_specs, out_specs, out_shape, interpret):
     params = {} if interpret else {"compiler_params": _triton_params()}
     return pl.pallas_call(
         kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
@@ -249,7 +275,7 @@ def _dkv_kernel(qlo_ref, qhi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_re
 # ---------------------------------------------------------------------------
 
 
-def _fwd_pallas(q, k, v, start, end, scale, bq, bk, interpret):
+def _fwd_triton(q, k, v, start, end, scale, bq, bk, interpret):
     """(o in q.dtype, lse float32) of the padded arrays."""
     b, hkv, g, sp, d = q.shape
     tp = k.shape[2]
@@ -260,7 +286,7 @@ def _fwd_pallas(q, k, v, start, end, scale, bq, bk, interpret):
     kv_spec = pl.BlockSpec((None, None, tp, d), lambda bi, h, i: (bi, h // g, 0, 0))
     row_spec = pl.BlockSpec((None, bq), lambda bi, h, i: (bi, i))
     lse_spec = pl.BlockSpec((None, None, None, bq), lambda bi, h, i: (bi, h // g, h % g, i))
-    return _call(
+    return _triton_call(
         partial(_fwd_kernel, scale=scale, bk=bk),
         grid=(b, hkv * g, nq),
         in_specs=[whole, whole, q_spec, kv_spec, kv_spec, row_spec, row_spec],
@@ -270,7 +296,7 @@ def _fwd_pallas(q, k, v, start, end, scale, bq, bk, interpret):
     )(lo, hi, q, k, v, start, end)
 
 
-def _bwd_pallas(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret):
+def _bwd_triton(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret):
     """(dq, dk, dv) in the dtypes of q, k, v for output cotangents (do, dlse)."""
     b, hkv, g, sp, d = q.shape
     tp = k.shape[2]
@@ -285,7 +311,7 @@ def _bwd_pallas(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret)
     kv_spec = pl.BlockSpec((None, None, tp, d), lambda bi, h, i: (bi, h // g, 0, 0))
     stat_spec = pl.BlockSpec((None, None, None, bq), lambda bi, h, i: (bi, h // g, h % g, i))
     row_spec = pl.BlockSpec((None, bq), lambda bi, h, i: (bi, i))
-    dq = _call(
+    dq = _triton_call(
         partial(_dq_kernel, scale=scale, bk=bk),
         grid=(b, hkv * g, nq),
         in_specs=[whole_q, whole_q, q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec, row_spec, row_spec],
@@ -300,7 +326,7 @@ def _bwd_pallas(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret)
     group_stat = pl.BlockSpec((None, None, g, sp), lambda bi, h, j: (bi, h, 0, 0))
     rows_all = pl.BlockSpec((None, sp), lambda bi, h, j: (bi, 0))
     kblk = pl.BlockSpec((None, None, bk, d), lambda bi, h, j: (bi, h, j, 0))
-    dk, dv = _call(
+    dk, dv = _triton_call(
         partial(_dkv_kernel, scale=scale, bq=bq, groups=g),
         grid=(b, hkv, nk),
         in_specs=[whole_k, whole_k, group_spec, kblk, kblk, group_spec, group_stat, group_stat, rows_all, rows_all],
@@ -311,37 +337,308 @@ def _bwd_pallas(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret)
     return dq, dk, dv
 
 
-@cache
-def _fwd_op(scale, bq, bk, interpret):
-    return _bw._batch_folding(lambda q, k, v, start, end: _fwd_pallas(q, k, v, start, end, scale, bq, bk, interpret))
+# ---------------------------------------------------------------------------
+# Mosaic (TPU) kernels. Same math as the Triton ones, laid out for Mosaic:
+# every block's last two dimensions are multiples of (8, 128), so
+#   * block sizes are multiples of LANES and D is zero-padded to one;
+#   * per-row values (kv_start, kv_end, lse, delta) travel lane-broadcast,
+#     [.., Sp, LANES], as (bq, LANES) tiles that are widened to (bq, bk) or
+#     (bq, D) by tiling (no 1-D blocks, no lane broadcasts of a column);
+#   * the key (or, for dk/dv, query) blocks are a grid axis, not a loop over
+#     a whole resident key axis, so VMEM holds one block of each operand
+#     whatever T is. The per-block ranges are scalar-prefetched (SMEM) and
+#     the index maps read block lo + step, clamped to the last visible one:
+#     a step past the range keeps the previous block index, so Pallas issues
+#     no copy for it, and `pl.when` skips its compute. Skipped blocks cost a
+#     grid step's overhead, never a load or a matmul.
+# ---------------------------------------------------------------------------
+
+LANES = 128
+# Unmeasured on a TPU: the size JAX's splash attention uses by default.
+TPU_BLOCK_Q = 512
+TPU_BLOCK_K = 512
+
+
+def _div(a, n):
+    """a // n of a non-negative grid index. Truncating `lax.div` (equal to
+    floor division here) because jnp's `//` lowers through `sign`, whose
+    Mosaic rule asks for the TPU generation: lowering then fails on a host
+    without a TPU (e.g. `jax.export` from CPU)."""
+    return lax.div(a, n)
+
+
+def _rem(a, n):
+    """a % n of a non-negative grid index (see `_div`)."""
+    return lax.rem(a, n)
+
+
+def _lanes(x, n):
+    """A lane-broadcast (rows, LANES) tile widened to (rows, n), n a
+    multiple of LANES."""
+    return jnp.tile(x, (1, n // LANES))
+
+
+def _visited(lo_ref, hi_ref, idx, step, n):
+    """(block index for this grid step, whether the step computes): steps
+    0 .. hi - lo - 1 visit blocks lo .. hi - 1; later ones (and all steps of
+    an empty range) stay on a valid block already resident and compute
+    nothing."""
+    lo, hi = lo_ref[idx], hi_ref[idx]
+    blk = jnp.clip(jnp.minimum(lo + step, hi - 1), 0, n - 1)
+    return blk, step < hi - lo
+
+
+def _tpu_mask(rs, re, j, bq, bk):
+    """bool [bq, bk] from lane-broadcast row ranges rs, re (bq, LANES)."""
+    kidx = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    return (kidx >= _lanes(rs, bk)) & (kidx < _lanes(re, bk))
+
+
+def _tpu_fwd_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, start_ref, end_ref, o_ref, lse_ref,
+                    m_ref, l_ref, acc_ref, *, scale, nq, nk):
+    """Grid (B, Hq, nq, nk). q_ref, o_ref [bq, D]; k_ref, v_ref [bk, D];
+    start/end/lse refs and the m/l scratch [bq, LANES] (lane-broadcast);
+    acc scratch [bq, D] float32."""
+    b, i, step = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    j, run = _visited(lo_ref, hi_ref, b * nq + i, step, nk)
+    bq, d = q_ref.shape
+    bk = k_ref.shape[0]
+
+    @pl.when(step == 0)
+    def _init():
+        m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when(run)
+    def _block():
+        kb, vb = k_ref[...], v_ref[...]
+        mask = _tpu_mask(start_ref[...], end_ref[...], j, bq, bk)
+        s = jnp.where(mask, _dot_nt(q_ref[...], kb) * scale, -jnp.inf)
+        m = m_ref[...]
+        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+        # As in `_fwd_kernel`: rows with nothing visible yet shift by 0.
+        m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        p = jnp.exp(s - _lanes(m_safe, bk))
+        alpha = jnp.exp(m - m_safe)
+        l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+        acc_ref[...] = _lanes(alpha, d) * acc_ref[...] + _dot(p.astype(vb.dtype), vb)
+        m_ref[...] = m_new
+
+    @pl.when(step == nk - 1)
+    def _finish():
+        m, l = m_ref[...], l_ref[...]
+        nonempty = l > 0
+        l_safe = jnp.where(nonempty, l, 1.0)
+        o_ref[...] = (acc_ref[...] / _lanes(l_safe, d)).astype(o_ref.dtype)
+        lse_ref[...] = jnp.where(nonempty, m + jnp.log(l_safe), 0.0)
+
+
+def _tpu_probs(q, kb, lse, rs, re, j, scale):
+    """P of one [bq, bk] block from the saved (lane-broadcast) LSE, the mask
+    inside the exp (exact zeros, as in `_dq_kernel`)."""
+    bq, bk = q.shape[0], kb.shape[0]
+    s = _dot_nt(q, kb) * scale - _lanes(lse, bk)
+    return jnp.exp(jnp.where(_tpu_mask(rs, re, j, bq, bk), s, -jnp.inf))
+
+
+def _tpu_dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, start_ref, end_ref,
+                   dq_ref, acc_ref, *, scale, nq, nk):
+    """Grid (B, Hq, nq, nk). q/do/dq refs [bq, D], k/v refs [bk, D],
+    lse/delta/start/end refs [bq, LANES]; acc scratch [bq, D] float32."""
+    b, i, step = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    j, run = _visited(lo_ref, hi_ref, b * nq + i, step, nk)
+
+    @pl.when(step == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    @pl.when(run)
+    def _block():
+        kb, vb = k_ref[...], v_ref[...]
+        p = _tpu_probs(q_ref[...], kb, lse_ref[...], start_ref[...], end_ref[...], j, scale)
+        ds = p * (_dot_nt(do_ref[...], vb) - _lanes(delta_ref[...], kb.shape[0]))
+        acc_ref[...] += _dot(ds.astype(kb.dtype), kb)
+
+    @pl.when(step == nk - 1)
+    def _finish():
+        dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype)
+
+
+def _tpu_dkv_kernel(qlo_ref, qhi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, start_ref, end_ref,
+                    dk_ref, dv_ref, dk_acc, dv_acc, *, scale, nq, nk, groups):
+    """Grid (B, Hkv, nk, G * nq): for key block j, the query heads of the
+    group one after the other, each over the query blocks [qlo, qhi) of j.
+    q/do refs [bq, D], k/v/dk/dv refs [bk, D], lse/delta/start/end refs
+    [bq, LANES]; dk/dv scratch [bk, D] float32 (the GQA sum happens there)."""
+    b, j, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    i, run = _visited(qlo_ref, qhi_ref, b * nk + j, _rem(t, nq), nq)
+
+    @pl.when(t == 0)
+    def _init():
+        dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
+        dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+
+    @pl.when(run)
+    def _block():
+        q, do, kb = q_ref[...], do_ref[...], k_ref[...]
+        p = _tpu_probs(q, kb, lse_ref[...], start_ref[...], end_ref[...], j, scale)
+        ds = p * (_dot_nt(do, v_ref[...]) - _lanes(delta_ref[...], kb.shape[0]))
+        # Explicit float32 transposes of the [bq, bk] blocks, cast after, then
+        # plain matmuls (the form JAX's own TPU flash attention uses: no
+        # transposed-operand matmul, no packed bf16 transpose).
+        dv_acc[...] += _dot(p.T.astype(do.dtype), do)
+        dk_acc[...] += _dot(ds.T.astype(q.dtype), q)
+
+    @pl.when(t == groups * nq - 1)
+    def _finish():
+        dk_ref[...] = (dk_acc[...] * scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc[...].astype(dv_ref.dtype)
+
+
+def _mosaic_call(kernel, grid, in_specs, out_specs, out_shape, scratch, interpret):
+    from jax.experimental.pallas import tpu as pltpu
+
+    return pl.pallas_call(
+        kernel,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2, grid=grid, in_specs=in_specs, out_specs=out_specs,
+            scratch_shapes=[pltpu.VMEM(shape, jnp.float32) for shape in scratch],
+        ),
+        out_shape=out_shape,
+        # The last grid axis carries the accumulators: sequential.
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+    )
+
+
+def _lane_rows(x):
+    """[..., Sp] -> lane-broadcast [..., Sp, LANES]."""
+    return jnp.broadcast_to(x[..., None], x.shape + (LANES,))
+
+
+def _query_major_specs(g, nq, nk, bq, bk, d):
+    """BlockSpecs of the forward and dq grids (batch, query head h, query
+    block i, key step st; lo, hi are the prefetched ranges): a query-head
+    block [bq, D], the visited KV block [bk, D], a lane-broadcast per-head
+    row block [bq, LANES] (lse, delta) and a per-batch-row one (start, end)."""
+
+    def head_rows(bi, h, i, st, lo, hi):
+        return (bi, _div(h, g), _rem(h, g), i, 0)
+
+    def kv(bi, h, i, st, lo, hi):
+        return (bi, _div(h, g), _visited(lo, hi, bi * nq + i, st, nk)[0], 0)
+
+    return (
+        pl.BlockSpec((None, None, None, bq, d), head_rows),
+        pl.BlockSpec((None, None, bk, d), kv),
+        pl.BlockSpec((None, None, None, bq, LANES), head_rows),
+        pl.BlockSpec((None, bq, LANES), lambda bi, h, i, st, lo, hi: (bi, i, 0)),
+    )
+
+
+def _fwd_mosaic(q, k, v, start, end, scale, bq, bk, interpret):
+    """(o in q.dtype, lse float32 [B, Hkv, G, Sp]) of the padded arrays."""
+    b, hkv, g, sp, d = q.shape
+    tp = k.shape[2]
+    nq, nk = sp // bq, tp // bk
+    lo, hi = _key_block_ranges(start, end, bq, bk, nk)
+    q_spec, kv_spec, lse_spec, row_spec = _query_major_specs(g, nq, nk, bq, bk, d)
+    o, lse = _mosaic_call(
+        partial(_tpu_fwd_kernel, scale=scale, nq=nq, nk=nk),
+        grid=(b, hkv * g, nq, nk),
+        in_specs=[q_spec, kv_spec, kv_spec, row_spec, row_spec],
+        out_specs=[q_spec, lse_spec],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:-1] + (LANES,), jnp.float32)],
+        scratch=[(bq, LANES), (bq, LANES), (bq, d)],
+        interpret=interpret,
+    )(lo.reshape(-1), hi.reshape(-1), q, k, v, _lane_rows(start), _lane_rows(end))
+    return o, lse[..., 0]
+
+
+def _bwd_mosaic(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret):
+    """(dq, dk, dv) in the dtypes of q, k, v for output cotangents (do, dlse)."""
+    b, hkv, g, sp, d = q.shape
+    tp = k.shape[2]
+    nq, nk = sp // bq, tp // bk
+    lo, hi = _key_block_ranges(start, end, bq, bk, nk)
+    qlo, qhi = _query_block_ranges(lo, hi, nk)
+    lse_l, delta_l = _lane_rows(lse), _lane_rows(_bw._delta(o, do, dlse))
+    start_l, end_l = _lane_rows(start), _lane_rows(end)
+
+    # dq: grid (batch, query head, query block, key step).
+    q_spec, kv_spec, stat_spec, row_spec = _query_major_specs(g, nq, nk, bq, bk, d)
+    dq = _mosaic_call(
+        partial(_tpu_dq_kernel, scale=scale, nq=nq, nk=nk),
+        grid=(b, hkv * g, nq, nk),
+        in_specs=[q_spec, kv_spec, kv_spec, q_spec, stat_spec, stat_spec, row_spec, row_spec],
+        out_specs=q_spec,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        scratch=[(bq, d)],
+        interpret=interpret,
+    )(lo.reshape(-1), hi.reshape(-1), q, k, v, do, lse_l, delta_l, start_l, end_l)
+
+    # dk, dv: grid (batch, KV head, key block, (group head, query step)).
+    def qi(bi, j, t, qlo, qhi):
+        return _visited(qlo, qhi, bi * nk + j, _rem(t, nq), nq)[0]
+
+    gq_spec = pl.BlockSpec(
+        (None, None, None, bq, d), lambda bi, h, j, t, qlo, qhi: (bi, h, _div(t, nq), qi(bi, j, t, qlo, qhi), 0)
+    )
+    gstat_spec = pl.BlockSpec(
+        (None, None, None, bq, LANES), lambda bi, h, j, t, qlo, qhi: (bi, h, _div(t, nq), qi(bi, j, t, qlo, qhi), 0)
+    )
+    grow_spec = pl.BlockSpec((None, bq, LANES), lambda bi, h, j, t, qlo, qhi: (bi, qi(bi, j, t, qlo, qhi), 0))
+    kblk = pl.BlockSpec((None, None, bk, d), lambda bi, h, j, t, qlo, qhi: (bi, h, j, 0))
+    dk, dv = _mosaic_call(
+        partial(_tpu_dkv_kernel, scale=scale, nq=nq, nk=nk, groups=g),
+        grid=(b, hkv, nk, g * nq),
+        in_specs=[gq_spec, kblk, kblk, gq_spec, gstat_spec, gstat_spec, grow_spec, grow_spec],
+        out_specs=[kblk, kblk],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        scratch=[(bk, d), (bk, d)],
+        interpret=interpret,
+    )(qlo.reshape(-1), qhi.reshape(-1), q, k, v, do, lse_l, delta_l, start_l, end_l)
+    return dq, dk, dv
+
+
+# Kernel families: (forward, backward) on the padded head-major arrays.
+_KERNELS = {"triton": (_fwd_triton, _bwd_triton), "mosaic": (_fwd_mosaic, _bwd_mosaic)}
 
 
 @cache
-def _bwd_op(scale, bq, bk, interpret):
+def _fwd_op(scale, bq, bk, impl):
+    # impl = (kernel family, interpret): static, hashable.
+    fwd = _KERNELS[impl[0]][0]
+    return _bw._batch_folding(lambda q, k, v, start, end: fwd(q, k, v, start, end, scale, bq, bk, impl[1]))
+
+
+@cache
+def _bwd_op(scale, bq, bk, impl):
+    bwd = _KERNELS[impl[0]][1]
     return _bw._batch_folding(
-        lambda q, k, v, o, lse, do, dlse, start, end: _bwd_pallas(
-            q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret
-        )
+        lambda q, k, v, o, lse, do, dlse, start, end: bwd(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, impl[1])
     )
 
 
 # ---------------------------------------------------------------------------
-# custom_vjp wiring (as in blockwise; see the module docstring).
+# custom_vjp wiring (as in blockwise; see the module docstring), shared by
+# the kernel families: `impl` = (family, interpret) picks the kernels.
 # ---------------------------------------------------------------------------
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
-def _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret):
+def _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, impl):
     """(dq, dk, dv) of `_flash` for output cotangents (do, dlse): Pallas."""
-    return _bwd_op(scale, bq, bk, interpret)(q, k, v, o, lse, do, dlse, start, end)
+    return _bwd_op(scale, bq, bk, impl)(q, k, v, o, lse, do, dlse, start, end)
 
 
-def _flash_grad_fwd(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret):
-    out = _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret)
+def _flash_grad_fwd(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, impl):
+    out = _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, impl)
     return out, (q, k, v, o, lse, do, dlse, start, end)
 
 
-def _flash_grad_bwd(scale, bq, bk, interpret, res, cts):
+def _flash_grad_bwd(scale, bq, bk, impl, res, cts):
     # The kernels have no derivative: differentiate blockwise's twin of the
     # same function (same padded layout and blocks; it computes its own
     # block ranges), so second order is exact and never silently wrong.
@@ -358,33 +655,49 @@ _flash_grad.defvjp(_flash_grad_fwd, _flash_grad_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _flash(q, k, v, start, end, scale, bq, bk, interpret):
+def _flash(q, k, v, start, end, scale, bq, bk, impl):
     """(o, lse) of the padded arrays; see `_fwd_kernel`."""
-    return _fwd_op(scale, bq, bk, interpret)(q, k, v, start, end)
+    return _fwd_op(scale, bq, bk, impl)(q, k, v, start, end)
 
 
-def _flash_fwd(q, k, v, start, end, scale, bq, bk, interpret):
+def _flash_fwd(q, k, v, start, end, scale, bq, bk, impl):
     # o and lse are residuals of the inner derivative; an enclosing
     # derivative must see them come out of `_flash` (as in blockwise).
-    o, lse = _flash(q, k, v, start, end, scale, bq, bk, interpret)
+    o, lse = _flash(q, k, v, start, end, scale, bq, bk, impl)
     return (o, lse), (q, k, v, o, lse, start, end)
 
 
-def _flash_bwd(scale, bq, bk, interpret, res, cts):
+def _flash_bwd(scale, bq, bk, impl, res, cts):
     q, k, v, o, lse, start, end = res
     do, dlse = cts
-    dq, dk, dv = _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, interpret)
+    dq, dk, dv = _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, impl)
     return dq, dk, dv, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _block(requested: int, length: int, name: str) -> int:
+def _block(requested: int, length: int, name: str, kernels: str) -> int:
+    if kernels == "mosaic":
+        if requested <= 0 or requested % LANES:
+            raise ValueError(f"{name} must be a positive multiple of {LANES} for the mosaic kernels, got {requested}")
+        # A short axis gets one block: its length rounded up to LANES.
+        return min(requested, _cdiv(length, LANES) * LANES)
     if not _is_pow2(requested) or requested < MIN_BLOCK:
         raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {requested}")
     # A short axis gets one block of the next power of two (>= MIN_BLOCK).
     return min(requested, max(MIN_BLOCK, _next_pow2(length)))
+
+
+def _head_dim(d: int, kernels: str) -> int:
+    """The zero-padded head dimension of the kernels (see the module
+    docstring): a multiple of LANES for Mosaic, a power of two for Triton."""
+    if kernels == "mosaic":
+        return _cdiv(d, LANES) * LANES
+    return max(MIN_BLOCK, _next_pow2(d))
+
+
+KERNEL_FAMILIES = ("triton", "mosaic")
 
 
 def pallas_attention(
@@ -395,9 +708,10 @@ def pallas_attention(
     kv_end: jax.Array,
     scale: float,
     *,
-    block_q: int = DEFAULT_BLOCK_Q,
-    block_k: int = DEFAULT_BLOCK_K,
+    block_q: int | None = None,
+    block_k: int | None = None,
     interpret: bool | None = None,
+    kernels: str | None = None,
 ) -> jax.Array:
     """Flash attention with per-query key ranges, as Pallas kernels.
 
@@ -405,12 +719,20 @@ def pallas_attention(
     kv_start, kv_end: int [B, S]; key j is visible to query i iff
         kv_start[b, i] <= j < kv_end[b, i] (values are clipped to [0, T]).
     scale: Python float multiplying q.k.
-    block_q, block_k: block sizes, powers of two >= 16 (shrunk to the next
-        power of two of S / T when those are shorter); S and T need not be
-        multiples, the tails are padded and masked inside.
+    kernels: "triton" (GPU kernels) or "mosaic" (TPU kernels); None
+        (default) = "mosaic" when JAX's default backend is a TPU, else
+        "triton" (on CPU: the GPU kernels, interpreted).
+    block_q, block_k: block sizes; None = the family's defaults
+        (DEFAULT_BLOCK_Q/K for triton, TPU_BLOCK_Q/K for mosaic). Triton:
+        powers of two >= 16, shrunk to the next power of two of S / T when
+        those are shorter; Mosaic: multiples of 128, shrunk to S / T rounded
+        up to 128. S and T need not be multiples, the tails are padded and
+        masked inside.
     interpret: run the kernels in Pallas' interpret mode; None (default) =
-        on CPU only. Compiled kernels are Triton (GPU); the kernels are not
-        written for Mosaic (TPU), see the module docstring.
+        on CPU only. Otherwise the triton family compiles for GPU and the
+        mosaic family for TPU. The mosaic family also takes a
+        `pltpu.InterpretParams()` (Pallas' TPU interpreter, which simulates
+        the pipeline's copies and fills uninitialised memory with NaN).
 
     Returns [B, S, Hq, D] in q's dtype: softmax(q k^T * scale) v with float32
     softmax statistics and accumulations; an empty range gives zeros and zero
@@ -427,19 +749,20 @@ def pallas_attention(
         raise ValueError(f"query heads {hq} are not a multiple of key/value heads {hkv}")
     if kv_start.shape != (b, s) or kv_end.shape != (b, s):
         raise ValueError(f"kv_start/kv_end must be [B, S] = {(b, s)}, got {kv_start.shape}, {kv_end.shape}")
+    if kernels is None:
+        kernels = "mosaic" if jax.default_backend() == "tpu" else "triton"
+    if kernels not in KERNEL_FAMILIES:
+        raise ValueError(f"kernels must be one of {KERNEL_FAMILIES}, got {kernels!r}")
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    if not interpret and jax.default_backend() == "tpu":
-        # Measured with jax.export(platforms=["tpu"]): Mosaic refuses these
-        # kernels' [bq] row blocks (it wants (8, 128)-aligned trailing block
-        # dimensions); a TPU version needs its own layouts.
-        raise NotImplementedError(
-            "the Pallas attention kernels compile for GPU (Triton) only; on TPU use "
-            "attention_impl 'blockwise' (or 'auto'), or interpret=True"
-        )
-    bq, bk = _block(block_q, s, "block_q"), _block(block_k, t, "block_k")
+    tpu = kernels == "mosaic"
+    if block_q is None:
+        block_q = TPU_BLOCK_Q if tpu else DEFAULT_BLOCK_Q
+    if block_k is None:
+        block_k = TPU_BLOCK_K if tpu else DEFAULT_BLOCK_K
+    bq, bk = _block(block_q, s, "block_q", kernels), _block(block_k, t, "block_k", kernels)
     sp, tp = _cdiv(s, bq) * bq, _cdiv(t, bk) * bk
-    dp = max(MIN_BLOCK, _next_pow2(d))
+    dp = _head_dim(d, kernels)
     qg = jnp.transpose(q.reshape(b, s, hkv, hq // hkv, d), (0, 2, 3, 1, 4))
     qg = jnp.pad(qg, ((0, 0), (0, 0), (0, 0), (0, sp - s), (0, dp - d)))
     kp = jnp.pad(jnp.transpose(k, (0, 2, 1, 3)), ((0, 0), (0, 0), (0, tp - t), (0, dp - d)))
@@ -448,5 +771,7 @@ def pallas_attention(
     # get the empty range [0, 0).
     start = jnp.pad(jnp.clip(kv_start.astype(jnp.int32), 0, t), ((0, 0), (0, sp - s)))
     end = jnp.pad(jnp.clip(kv_end.astype(jnp.int32), 0, t), ((0, 0), (0, sp - s)))
-    o, _ = _flash(qg, kp, vp, start, end, float(scale), bq, bk, bool(interpret))
+    # A bool or a (frozen, hashable) `pltpu.InterpretParams`: static either way.
+    interpret = bool(interpret) if isinstance(interpret, (bool, int)) else interpret
+    o, _ = _flash(qg, kp, vp, start, end, float(scale), bq, bk, (kernels, interpret))
     return jnp.transpose(o[:, :, :, :s, :d], (0, 3, 1, 2, 4)).reshape(b, s, hq, d)

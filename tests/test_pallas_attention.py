@@ -1,7 +1,8 @@
 """Pallas flash attention against the dense reference.
 
 On CPU the kernels run in Pallas' interpret mode (slow), so the sizes are
-tiny: D <= 32, S <= 48. Comparisons are float32 with full-precision matmuls
+tiny: D <= 32, S <= 48 for the Triton (GPU) kernels; for the Mosaic (TPU)
+kernels, whose blocks are multiples of 128, S <= 200 (a few blocks). Comparisons are float32 with full-precision matmuls
 (tests/conftest.py) at 1e-5 relative (max abs error / max abs reference):
 outputs, dq, dk, dv, and second-order gradients; bfloat16 at a bfloat16
 tolerance. The masks come from `attention_meta` (glm_bidir, causal, packed
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import tpu as pltpu
 
 from focusft_jax import attention as A
 from focusft_jax import model as M
@@ -55,8 +57,20 @@ def _loss(attn, q, k, v, st, en, w):
 
 
 def _attn(impl, scale, bq, bk):
+    """impl: "dense"; "pallas" (the default kernels: on CPU the Triton ones,
+    interpreted); "mosaic" (the TPU kernels in Pallas' TPU interpreter, which
+    fills uninitialised memory with NaN and performs the copies the index
+    maps ask for, so a block read before it is written or a wrong clamp
+    shows); "mosaic_generic" (the TPU kernels in Pallas' generic
+    interpreter: about twice as fast, used where the dtype or the derivative
+    order is what is tested)."""
     if impl == "dense":
         return lambda q, k, v, st, en: dense_attention(q, k, v, AttnMeta(st, en), scale)
+    if impl.startswith("mosaic"):
+        interpret = True if impl == "mosaic_generic" else pltpu.InterpretParams()
+        return lambda q, k, v, st, en: pallas_attention(
+            q, k, v, st, en, scale, block_q=bq, block_k=bk, kernels="mosaic", interpret=interpret
+        )
     return lambda q, k, v, st, en: pallas_attention(q, k, v, st, en, scale, block_q=bq, block_k=bk)
 
 
@@ -94,6 +108,19 @@ CASES = [
     ("random_empty_rows_d24", 1, 37, 45, 4, 1, 24, 16, 32, lambda r: random_ranges(r, 1, 37, 45, empty_frac=0.2)),
     # S shorter than the block: one block of 16 (the next power of two).
     ("short_one_block", 1, 13, 11, 2, 1, 16, 64, 64, lambda r: random_ranges(r, 1, 13, 11)),
+]
+
+
+# The TPU (mosaic) kernels: blocks are multiples of 128, so the same kinds of
+# masks at lengths that give several blocks, none of them a multiple of 128.
+MOSAIC_CASES = [
+    ("glm_bidir_packed_padded_gqa_ragged", 2, 200, 200, 4, 2, 16, 128, 128,
+     lambda r: meta_ranges(r, 2, 200, "glm_bidir")),
+    # One query block of 256 (S = 160 rounded up) over two key blocks.
+    ("causal_packed_padded_blocks_256x128", 2, 160, 160, 2, 1, 32, 256, 128,
+     lambda r: meta_ranges(r, 2, 160, "causal")),
+    # T != S, empty rows, D = 24 (padded to 128 inside), GQA 4:1.
+    ("random_empty_rows_d24", 1, 150, 300, 4, 1, 24, 128, 128, lambda r: random_ranges(r, 1, 150, 300, empty_frac=0.2)),
 ]
 
 
@@ -173,11 +200,18 @@ def test_block_ranges_skip_what_no_row_sees():
 
 
 def test_block_sizes_must_be_powers_of_two():
+    """Triton blocks: powers of two >= 16; Mosaic blocks: multiples of 128;
+    the family name is checked."""
     q = jnp.zeros((1, 8, 1, 16))
     st = jnp.zeros((1, 8), jnp.int32)
     for bad in (24, 8):
         with pytest.raises(ValueError, match="power of two"):
             pallas_attention(q, q, q, st, st + 1, 1.0, block_q=bad)
+    for bad in (64, 192 + 8):
+        with pytest.raises(ValueError, match="multiple of 128"):
+            pallas_attention(q, q, q, st, st + 1, 1.0, block_k=bad, kernels="mosaic")
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        pallas_attention(q, q, q, st, st + 1, 1.0, kernels="cuda")
 
 
 def test_lowers_to_triton_for_cuda():
@@ -206,15 +240,15 @@ def test_lowers_to_triton_for_cuda():
     assert exported.mlir_module().count("stablehlo.custom_call @__gpu$xla.gpu.triton") == 3
 
 
-def test_auto_is_pallas_on_gpu_only():
-    """attention_impl "auto" traces to the Pallas kernels on a GPU backend
-    and to blockwise (no pallas_call) elsewhere, here on CPU in CI."""
+def test_auto_is_pallas_on_gpu_and_tpu():
+    """attention_impl "auto" traces to the Pallas kernels on a GPU or TPU
+    backend and to blockwise (no pallas_call) elsewhere, here on CPU in CI."""
     q = jnp.zeros((1, 8, 2, 16))
     meta = attention_meta(jnp.ones((1, 8), jnp.int32), kind="causal")
     auto = str(jax.make_jaxpr(lambda q: A.attend(q, q, q, meta, 1.0, "auto"))(q))
     pallas = str(jax.make_jaxpr(lambda q: A.attend(q, q, q, meta, 1.0, "pallas"))(q))
     assert "pallas_call" in pallas
-    assert ("pallas_call" in auto) == (jax.default_backend() == "gpu")
+    assert ("pallas_call" in auto) == (jax.default_backend() in ("gpu", "tpu"))
     assert set(A.ATTENTION_IMPLS) == {"dense", "blockwise", "pallas", "auto"}
 
 
@@ -249,3 +283,76 @@ def test_model_loss_and_gradients_match_dense():
     assert abs(float(l_pal) - float(l_ref)) <= 1e-5 * abs(float(l_ref))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_pal), jax.tree.leaves(g_ref)):
         assert rel_err(a, b) <= 1e-5, jax.tree_util.keystr(path)
+
+
+@pytest.mark.parametrize("case", MOSAIC_CASES, ids=[c[0] for c in MOSAIC_CASES])
+def test_mosaic_forward_and_gradients_match_dense(case):
+    """The TPU kernel family, interpreted on CPU: output and dq, dk, dv equal
+    dense attention's at 1e-5; empty rows give exact zeros."""
+    args, (scale, bq, bk) = setup(case)
+    out_ref, grads_ref = output_and_grads("dense", scale)(*args)
+    out, grads = output_and_grads("mosaic", scale, bq, bk)(*args)
+    assert out.shape == args[0].shape and out.dtype == args[0].dtype
+    assert_close([out], [out_ref], what="output")
+    assert_close(grads, grads_ref, what="grad")
+    empty = np.asarray(args[3] >= args[4])
+    assert np.all(np.asarray(out)[empty] == 0) and np.all(np.asarray(grads[0])[empty] == 0)
+
+
+def test_mosaic_bfloat16_within_bfloat16_tolerance():
+    """bf16 through the TPU kernels: the criterion of
+    `test_bfloat16_within_bfloat16_tolerance`."""
+    case = MOSAIC_CASES[0]
+    args, (scale, bq, bk) = setup(case, seed=2, dtype=jnp.bfloat16)
+    args32 = tuple(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args)
+    out_ref, grads_ref = output_and_grads("dense", scale)(*args32)
+    out16, grads16 = output_and_grads("dense", scale)(*args)
+    out, grads = output_and_grads("mosaic_generic", scale, bq, bk)(*args)
+    assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+    for got, dense16, ref in zip([out, *grads], [out16, *grads16], [out_ref, *grads_ref]):
+        err, dense_err = rel_err(got, ref), rel_err(dense16, ref)
+        assert err <= max(2 * dense_err, 2e-2), (err, dense_err)
+
+
+def test_mosaic_second_order_matches_dense():
+    """grad of grad through the TPU kernels (their second derivative is
+    blockwise's `_bwd_scan` on the same padded arrays) equals dense's."""
+    args, (scale, bq, bk) = setup(MOSAIC_CASES[0], seed=1)
+    assert_close(second_order("mosaic_generic", scale, bq, bk)(*args), second_order("dense", scale)(*args),
+                 what="grad of grad")
+
+
+def test_mosaic_steps_visit_only_the_range():
+    """`_visited`: grid steps 0 .. hi - lo - 1 load blocks lo .. hi - 1 and
+    compute; later steps stay on block hi - 1 (no new copy) and do not; an
+    empty range (lo == hi, even lo == n) stays on a valid block."""
+    lo, hi = jnp.asarray([1, 4, 0], jnp.int32), jnp.asarray([3, 4, 0], jnp.int32)
+    got = [[tuple(int(x) for x in PA._visited(lo, hi, r, st, 4)) for st in range(4)] for r in range(3)]
+    assert got[0] == [(1, 1), (2, 1), (2, 0), (2, 0)]
+    assert got[1] == [(3, 0)] * 4
+    assert got[2] == [(0, 0)] * 4
+
+
+def test_lowers_to_mosaic_for_tpu():
+    """The forward and the backward (dq, dk/dv) TPU kernels lower to Mosaic
+    for a TPU target from this CPU host (jax.export runs the Pallas-to-Mosaic
+    lowering, including the (8, 128) block checks; Mosaic's own compilation
+    happens on a TPU). S = 200 is ragged, D = 64 is padded to 128."""
+    b, s, hq, hkv, d = 2, 200, 4, 2, 64
+    shapes = [
+        jax.ShapeDtypeStruct((b, s, hq, d), jnp.bfloat16),
+        jax.ShapeDtypeStruct((b, s, hkv, d), jnp.bfloat16),
+        jax.ShapeDtypeStruct((b, s, hkv, d), jnp.bfloat16),
+        jax.ShapeDtypeStruct((b, s), jnp.int32),
+        jax.ShapeDtypeStruct((b, s), jnp.int32),
+    ]
+
+    def attn(q, k, v, st, en):
+        return pallas_attention(q, k, v, st, en, d**-0.5, block_q=128, block_k=128, interpret=False, kernels="mosaic")
+
+    def loss(*a):
+        return jnp.sum(attn(*a).astype(jnp.float32) ** 2)
+
+    for f, kernels in ((attn, 1), (jax.grad(loss, argnums=(0, 1, 2)), 3)):
+        exported = jax.export.export(jax.jit(f), platforms=["tpu"])(*shapes)
+        assert exported.mlir_module().count("stablehlo.custom_call @tpu_custom_call") == kernels
