@@ -220,6 +220,18 @@ def evaluation_command(tool: str) -> str:
     return f"python -m eval.{tool}" if clone.exists() else f"focusft-{tool}"
 
 
+def evaluation_of(cfg, hf_dir: Path, out: Path) -> str:
+    """The command that evaluates a run's export on its own task: RULER at
+    the trained row length for built-in niah data (50 samples: the tiny
+    default's evaluation), else regenerated BABILong."""
+    bi = cfg.data.builtin
+    if bi is not None and bi.kind == "niah":
+        return (f"{evaluation_command('ruler')} --checkpoint {hf_dir} --tasks {','.join(bi.tasks)} "
+                f"--lengths {cfg.data.max_length} --samples 50 --batch-size 25 --out {out / 'ruler'}")
+    return (f"{evaluation_command('babilong')} --checkpoint {hf_dir} --data generate --samples 20 "
+            f"--batch-size 20 --out {out / 'eval'}")
+
+
 def final_summary(s: dict) -> str:
     def fmt(x):
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
@@ -234,8 +246,7 @@ def final_summary(s: dict) -> str:
         f"  checkpoints: {s['checkpoints']}",
         f"  HF export:   {s['hf_export']}   (load with transformers, or evaluate: the tools read its",
         "               focusft.json for the prompt format, attention and lengths of this model)",
-        f"               {evaluation_command('babilong')} --checkpoint {s['hf_export']} --data generate --samples 20 "
-        f"--batch-size 20 --out {Path(s['output_dir']) / 'eval'}",
+        f"               {s['evaluate']}",
         f"  metrics:     {s['metrics']}  (TensorBoard: tensorboard --logdir {s['tensorboard']})",
     ]
     return "\n".join(lines)

@@ -297,6 +297,7 @@ def train(cfg, log=print) -> dict:
         "hf_export": str(out / "hf"),
         "metrics": str(out / "metrics.jsonl"),
         "tensorboard": str(out / "tensorboard"),
+        "evaluate": job.evaluation_of(cfg, out / "hf", out),
     }
     return summary
 

@@ -100,7 +100,7 @@ def test_missing_file_and_bad_yaml(tmp_path):
 
 
 def test_shipped_configs_load():
-    for name in ("tiny.yaml", "focusft_qwen25_7b.yaml", "sft_qwen25_7b.yaml"):
+    for name in ("tiny.yaml", "tiny_niah.yaml", "focusft_qwen25_7b.yaml", "sft_qwen25_7b.yaml"):
         cfg = load_config(CONFIGS / name)
         assert cfg.train.output_dir
     paper = load_config(CONFIGS / "focusft_qwen25_7b.yaml")
