@@ -131,11 +131,17 @@ def setup(case, seed=0, dtype=jnp.float32):
     return (q, k, v, jnp.asarray(start), jnp.asarray(end), w), (d**-0.5, bq, bk)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_forward_and_gradients_match_dense(case):
+# (kernels, case): the GPU family on CASES, the TPU family (its own block
+# sizes) on MOSAIC_CASES, both interpreted on CPU.
+FAMILY_CASES = [("pallas", c) for c in CASES] + [("mosaic", c) for c in MOSAIC_CASES]
+
+
+@pytest.mark.parametrize("impl, case", FAMILY_CASES, ids=[f"{i}-{c[0]}" for i, c in FAMILY_CASES])
+def test_forward_and_gradients_match_dense(impl, case):
+    """Output and dq, dk, dv equal dense attention's at 1e-5; empty rows give exact zeros."""
     args, (scale, bq, bk) = setup(case)
     out_ref, grads_ref = output_and_grads("dense", scale)(*args)
-    out, grads = output_and_grads("pallas", scale, bq, bk)(*args)
+    out, grads = output_and_grads(impl, scale, bq, bk)(*args)
     assert out.shape == args[0].shape and out.dtype == args[0].dtype
     assert_close([out], [out_ref], what="output")
     assert_close(grads, grads_ref, what="grad")
@@ -144,28 +150,34 @@ def test_forward_and_gradients_match_dense(case):
     assert np.all(np.asarray(out)[empty] == 0) and np.all(np.asarray(grads[0])[empty] == 0)
 
 
-def test_bfloat16_within_bfloat16_tolerance():
+# One case per family; the TPU family through the generic interpreter (faster).
+FAMILY_FIRST = [("pallas", CASES[0]), ("mosaic_generic", MOSAIC_CASES[0])]
+
+
+@pytest.mark.parametrize("impl, case", FAMILY_FIRST, ids=[i for i, _ in FAMILY_FIRST])
+def test_bfloat16_within_bfloat16_tolerance(impl, case):
     """bf16 inputs: compared with the dense reference in float32 on the same
-    (bf16-rounded) inputs; the pallas error is no worse than dense's own bf16
+    (bf16-rounded) inputs; the kernels' error is no worse than dense's own bf16
     error plus a margin, and within a few bf16 epsilons."""
-    case = CASES[0]
     args, (scale, bq, bk) = setup(case, seed=2, dtype=jnp.bfloat16)
     args32 = tuple(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args)
     out_ref, grads_ref = output_and_grads("dense", scale)(*args32)
     out16, grads16 = output_and_grads("dense", scale)(*args)
-    out, grads = output_and_grads("pallas", scale, bq, bk)(*args)
+    out, grads = output_and_grads(impl, scale, bq, bk)(*args)
     assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
     for got, dense16, ref in zip([out, *grads], [out16, *grads16], [out_ref, *grads_ref]):
         err, dense_err = rel_err(got, ref), rel_err(dense16, ref)
         assert err <= max(2 * dense_err, 2e-2), (err, dense_err)
 
 
-def test_second_order_matches_dense():
-    """grad of a function of grad (the "full" meta-gradient) through pallas
-    attention equals the same through dense attention."""
-    args, (scale, bq, bk) = setup(CASES[0], seed=1)
+@pytest.mark.parametrize("impl, case", FAMILY_FIRST, ids=[i for i, _ in FAMILY_FIRST])
+def test_second_order_matches_dense(impl, case):
+    """grad of a function of grad (the "full" meta-gradient) through the
+    kernels (their second derivative is blockwise's `_bwd_scan` on the same
+    padded arrays) equals the same through dense attention."""
+    args, (scale, bq, bk) = setup(case, seed=1)
     ref = second_order("dense", scale)(*args)
-    got = second_order("pallas", scale, bq, bk)(*args)
+    got = second_order(impl, scale, bq, bk)(*args)
     assert_close(got, ref, what="grad of grad")
 
 
@@ -283,43 +295,6 @@ def test_model_loss_and_gradients_match_dense():
     assert abs(float(l_pal) - float(l_ref)) <= 1e-5 * abs(float(l_ref))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_pal), jax.tree.leaves(g_ref)):
         assert rel_err(a, b) <= 1e-5, jax.tree_util.keystr(path)
-
-
-@pytest.mark.parametrize("case", MOSAIC_CASES, ids=[c[0] for c in MOSAIC_CASES])
-def test_mosaic_forward_and_gradients_match_dense(case):
-    """The TPU kernel family, interpreted on CPU: output and dq, dk, dv equal
-    dense attention's at 1e-5; empty rows give exact zeros."""
-    args, (scale, bq, bk) = setup(case)
-    out_ref, grads_ref = output_and_grads("dense", scale)(*args)
-    out, grads = output_and_grads("mosaic", scale, bq, bk)(*args)
-    assert out.shape == args[0].shape and out.dtype == args[0].dtype
-    assert_close([out], [out_ref], what="output")
-    assert_close(grads, grads_ref, what="grad")
-    empty = np.asarray(args[3] >= args[4])
-    assert np.all(np.asarray(out)[empty] == 0) and np.all(np.asarray(grads[0])[empty] == 0)
-
-
-def test_mosaic_bfloat16_within_bfloat16_tolerance():
-    """bf16 through the TPU kernels: the criterion of
-    `test_bfloat16_within_bfloat16_tolerance`."""
-    case = MOSAIC_CASES[0]
-    args, (scale, bq, bk) = setup(case, seed=2, dtype=jnp.bfloat16)
-    args32 = tuple(a.astype(jnp.float32) if a.dtype == jnp.bfloat16 else a for a in args)
-    out_ref, grads_ref = output_and_grads("dense", scale)(*args32)
-    out16, grads16 = output_and_grads("dense", scale)(*args)
-    out, grads = output_and_grads("mosaic_generic", scale, bq, bk)(*args)
-    assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
-    for got, dense16, ref in zip([out, *grads], [out16, *grads16], [out_ref, *grads_ref]):
-        err, dense_err = rel_err(got, ref), rel_err(dense16, ref)
-        assert err <= max(2 * dense_err, 2e-2), (err, dense_err)
-
-
-def test_mosaic_second_order_matches_dense():
-    """grad of grad through the TPU kernels (their second derivative is
-    blockwise's `_bwd_scan` on the same padded arrays) equals dense's."""
-    args, (scale, bq, bk) = setup(MOSAIC_CASES[0], seed=1)
-    assert_close(second_order("mosaic_generic", scale, bq, bk)(*args), second_order("dense", scale)(*args),
-                 what="grad of grad")
 
 
 def test_mosaic_steps_visit_only_the_range():
