@@ -383,17 +383,33 @@ def _batch_folding(impl):
 
 
 @cache
-def _fwd_op(scale, bq, bk, skip):
+def _loops_fwd_op(scale, bq, bk, skip):
     return _batch_folding(lambda q, k, v, start, end: _fwd_loops(q, k, v, start, end, scale, bq, bk, skip))
 
 
 @cache
-def _bwd_op(scale, bq, bk, skip):
+def _loops_bwd_op(scale, bq, bk, skip):
     return _batch_folding(
         lambda q, k, v, o, lse, do, dlse, start, end: _bwd_loops(
             q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, skip
         )
     )
+
+
+# Other kernels with this contract on the same padded layout (the Pallas ones,
+# `focusft_jax.pallas_attention`) reuse the custom_vjp wiring below: they
+# register name -> (fwd_op, bwd_op) builders of (scale, bq, bk, impl) and pass
+# impl = (name, ...) where blockwise passes its bool skip_masked_blocks. Their
+# second order is `_bwd_scan`'s, skipping masked blocks.
+KERNEL_OPS: dict[str, tuple] = {}
+
+
+def _fwd_op(scale, bq, bk, impl):
+    return _loops_fwd_op(scale, bq, bk, impl) if isinstance(impl, bool) else KERNEL_OPS[impl[0]][0](scale, bq, bk, impl)
+
+
+def _bwd_op(scale, bq, bk, impl):
+    return _loops_bwd_op(scale, bq, bk, impl) if isinstance(impl, bool) else KERNEL_OPS[impl[0]][1](scale, bq, bk, impl)
 
 
 # ---------------------------------------------------------------------------
@@ -402,23 +418,23 @@ def _bwd_op(scale, bq, bk, skip):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
-def _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, skip):
+def _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, impl):
     """(dq, dk, dv) of `_flash` for output cotangents (do, dlse)."""
-    return _bwd_op(scale, bq, bk, skip)(q, k, v, o, lse, do, dlse, start, end)
+    return _bwd_op(scale, bq, bk, impl)(q, k, v, o, lse, do, dlse, start, end)
 
 
-def _flash_grad_fwd(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, skip):
+def _flash_grad_fwd(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, impl):
     # Calls the custom_vjp function itself (not `_bwd_loops`) so that a further
     # enclosing differentiation also sees a custom_vjp here.
-    out = _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, skip)
+    out = _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, impl)
     return out, (q, k, v, o, lse, do, dlse, start, end)
 
 
-def _flash_grad_bwd(scale, bq, bk, skip, res, cts):
+def _flash_grad_bwd(scale, bq, bk, impl, res, cts):
     q, k, v, o, lse, do, dlse, start, end = res
 
     def f(q, k, v, o, lse, do, dlse):
-        return _bwd_scan(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, skip)
+        return _bwd_scan(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, impl if isinstance(impl, bool) else True)
 
     _, vjp = jax.vjp(f, q, k, v, o, lse, do, dlse)
     return (*vjp(cts), None, None)
@@ -428,22 +444,22 @@ _flash_grad.defvjp(_flash_grad_fwd, _flash_grad_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _flash(q, k, v, start, end, scale, bq, bk, skip):
+def _flash(q, k, v, start, end, scale, bq, bk, impl):
     """(o, lse) on prepared (padded, GQA-grouped) arrays; see `_fwd_loops`."""
-    return _fwd_op(scale, bq, bk, skip)(q, k, v, start, end)
+    return _fwd_op(scale, bq, bk, impl)(q, k, v, start, end)
 
 
-def _flash_fwd(q, k, v, start, end, scale, bq, bk, skip):
+def _flash_fwd(q, k, v, start, end, scale, bq, bk, impl):
     # Same reasoning as `_flash_grad_fwd`: o and lse are residuals of the
     # inner derivative and the outer one must differentiate them via `_flash`.
-    o, lse = _flash(q, k, v, start, end, scale, bq, bk, skip)
+    o, lse = _flash(q, k, v, start, end, scale, bq, bk, impl)
     return (o, lse), (q, k, v, o, lse, start, end)
 
 
-def _flash_bwd(scale, bq, bk, skip, res, cts):
+def _flash_bwd(scale, bq, bk, impl, res, cts):
     q, k, v, o, lse, start, end = res
     do, dlse = cts
-    dq, dk, dv = _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, skip)
+    dq, dk, dv = _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, impl)
     return dq, dk, dv, None, None
 
 

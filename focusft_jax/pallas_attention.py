@@ -42,9 +42,10 @@ in blockwise, whose loops are shared by the batch) and passed to the kernels as
 small int32 [B, nq] / [B, nk] arrays read as scalars (flattened to 1-D for
 Mosaic's scalar prefetch: SMEM pads 2-D arrays).
 
-Differentiation mirrors blockwise's layering: `_flash` (o, lse) is a
-`jax.custom_vjp` whose backward is `_flash_grad`, itself a `custom_vjp` whose
-primal runs the Pallas backward kernels. The kernels are not differentiable,
+Differentiation is blockwise's own wiring (the kernels register themselves
+in `blockwise.KERNEL_OPS`): `_flash` (o, lse) is a `jax.custom_vjp` whose
+backward is `_flash_grad`, itself a `custom_vjp` whose primal here runs the
+Pallas backward kernels. The kernels are not differentiable,
 so `_flash_grad`'s own backward (only used for second-order gradients, as the
 "full" meta-gradient takes them) is the reverse-mode derivative of blockwise's
 differentiable twin `_bwd_scan` of the same function on the same padded
@@ -608,73 +609,22 @@ _KERNELS = {"triton": (_fwd_triton, _bwd_triton), "mosaic": (_fwd_mosaic, _bwd_m
 
 @cache
 def _fwd_op(scale, bq, bk, impl):
-    # impl = (kernel family, interpret): static, hashable.
-    fwd = _KERNELS[impl[0]][0]
-    return _bw._batch_folding(lambda q, k, v, start, end: fwd(q, k, v, start, end, scale, bq, bk, impl[1]))
+    # impl = ("pallas", kernel family, interpret): static, hashable.
+    fwd = _KERNELS[impl[1]][0]
+    return _bw._batch_folding(lambda q, k, v, start, end: fwd(q, k, v, start, end, scale, bq, bk, impl[2]))
 
 
 @cache
 def _bwd_op(scale, bq, bk, impl):
-    bwd = _KERNELS[impl[0]][1]
+    bwd = _KERNELS[impl[1]][1]
     return _bw._batch_folding(
-        lambda q, k, v, o, lse, do, dlse, start, end: bwd(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, impl[1])
+        lambda q, k, v, o, lse, do, dlse, start, end: bwd(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, impl[2])
     )
 
 
-# ---------------------------------------------------------------------------
-# custom_vjp wiring (as in blockwise; see the module docstring), shared by
-# the kernel families: `impl` = (family, interpret) picks the kernels.
-# ---------------------------------------------------------------------------
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(9, 10, 11, 12))
-def _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, impl):
-    """(dq, dk, dv) of `_flash` for output cotangents (do, dlse): Pallas."""
-    return _bwd_op(scale, bq, bk, impl)(q, k, v, o, lse, do, dlse, start, end)
-
-
-def _flash_grad_fwd(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, impl):
-    out = _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, impl)
-    return out, (q, k, v, o, lse, do, dlse, start, end)
-
-
-def _flash_grad_bwd(scale, bq, bk, impl, res, cts):
-    # The kernels have no derivative: differentiate blockwise's twin of the
-    # same function (same padded layout and blocks; it computes its own
-    # block ranges), so second order is exact and never silently wrong.
-    q, k, v, o, lse, do, dlse, start, end = res
-
-    def f(q, k, v, o, lse, do, dlse):
-        return _bw._bwd_scan(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, True)
-
-    _, vjp = jax.vjp(f, q, k, v, o, lse, do, dlse)
-    return (*vjp(cts), None, None)
-
-
-_flash_grad.defvjp(_flash_grad_fwd, _flash_grad_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _flash(q, k, v, start, end, scale, bq, bk, impl):
-    """(o, lse) of the padded arrays; see `_fwd_kernel`."""
-    return _fwd_op(scale, bq, bk, impl)(q, k, v, start, end)
-
-
-def _flash_fwd(q, k, v, start, end, scale, bq, bk, impl):
-    # o and lse are residuals of the inner derivative; an enclosing
-    # derivative must see them come out of `_flash` (as in blockwise).
-    o, lse = _flash(q, k, v, start, end, scale, bq, bk, impl)
-    return (o, lse), (q, k, v, o, lse, start, end)
-
-
-def _flash_bwd(scale, bq, bk, impl, res, cts):
-    q, k, v, o, lse, start, end = res
-    do, dlse = cts
-    dq, dk, dv = _flash_grad(q, k, v, o, lse, do, dlse, start, end, scale, bq, bk, impl)
-    return dq, dk, dv, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+# The custom_vjp wiring is blockwise's (see the module docstring): its
+# `_flash` runs these ops for impl = ("pallas", family, interpret).
+_bw.KERNEL_OPS["pallas"] = (_fwd_op, _bwd_op)
 
 
 def _block(requested: int, length: int, name: str, kernels: str) -> int:
@@ -773,5 +723,5 @@ def pallas_attention(
     end = jnp.pad(jnp.clip(kv_end.astype(jnp.int32), 0, t), ((0, 0), (0, sp - s)))
     # A bool or a (frozen, hashable) `pltpu.InterpretParams`: static either way.
     interpret = bool(interpret) if isinstance(interpret, (bool, int)) else interpret
-    o, _ = _flash(qg, kp, vp, start, end, float(scale), bq, bk, (kernels, interpret))
+    o, _ = _bw._flash(qg, kp, vp, start, end, float(scale), bq, bk, ("pallas", kernels, interpret))
     return jnp.transpose(o[:, :, :, :s, :d], (0, 3, 1, 2, 4)).reshape(b, s, hq, d)
