@@ -113,7 +113,12 @@ def evaluate(hf_dir: Path, out: Path, task: str, lengths: list[int], samples: in
     if rc != 0:
         raise RuntimeError(f"RULER evaluation of {hf_dir} failed (exit status {rc}); see the messages above")
     res = json.loads((out / "results.json").read_text())
-    return {int(l): res["scores"].get(task, {}).get(str(l), res["scores"].get(task, {}).get(l)) for l in lengths}
+    scores = res["scores"].get(task, {})
+    missing = [l for l in lengths if str(l) not in scores]
+    if missing:  # a length whose smallest sample does not fit: no score to compare
+        raise RuntimeError(f"{out / 'results.json'}: no {task} score at {missing} tokens "
+                           f"({res.get('did_not_fit', {}).get(task, 'see the messages above')})")
+    return {l: scores[str(l)] for l in lengths}
 
 
 def spread(values: list[float]) -> dict:
